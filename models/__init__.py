@@ -1,0 +1,1 @@
+"""Bundled trained checkpoints and their model cards (installed as the package ``se3tcli.models``)."""

@@ -1,0 +1,123 @@
+"""Labelled data sets for training and evaluation: QM9 or the user's own SDF/extXYZ files.
+
+Both end up as a :class:`~se3tcli.data.qm9.QM9Data` container (flat arrays of atoms, offsets, targets),
+which holds any set of labelled molecules, plus a reproducible train/val/test split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from se3tcli.data.qm9 import QM9Data, load_qm9
+from se3tcli.data.splits import QM9_SPLIT_SIZES, random_split
+
+QM9_NAME = "qm9"
+
+
+@dataclass
+class LabelledData:
+    data: QM9Data  # the molecules used by the run (all, or a --limit subset), targets in display units
+    split: dict[str, np.ndarray]  # indices into data
+    description: dict  # how to rebuild exactly this data and split (stored in checkpoints)
+
+
+def _limit_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < 3:
+        raise ValueError("--limit must be at least 3 (one molecule each for train, val and test)")
+    return np.sort(np.random.default_rng([seed, 1]).permutation(n)[:limit])
+
+
+def load_labelled(
+    dataset: str,
+    targets: Sequence[str],
+    seed: int,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> LabelledData:
+    """Load ``qm9`` or a labelled SDF/extXYZ file and split it reproducibly (same arguments, same split)."""
+    if dataset.lower() == QM9_NAME:
+        full = load_qm9(cache_dir)
+        sizes: tuple[int, int, int] | None = QM9_SPLIT_SIZES
+        name = QM9_NAME
+    else:
+        full = read_labelled_file(Path(dataset), targets)
+        sizes = None
+        name = str(dataset)
+    columns = [full.target_names.index(t) for t in targets]
+    subset = _limit_indices(len(full), limit, seed)
+    data = full.subset(subset)
+    data = QM9Data(
+        numbers=data.numbers,
+        positions=data.positions,
+        offsets=data.offsets,
+        targets=data.targets[:, columns],
+        index=data.index,
+        target_names=tuple(targets),
+    )
+    if limit is not None and sizes is not None:
+        sizes = None if limit < sum(sizes) else sizes
+    split = random_split(len(data), sizes, seed)
+    description = {
+        "dataset": name,
+        "seed": seed,
+        "limit": limit,
+        "sizes": {k: len(v) for k, v in split.items()},
+    }
+    return LabelledData(data, split, description)
+
+
+def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
+    """Molecules of an SDF/extXYZ file whose SD tags / info keys give every requested target.
+
+    Values are taken as already in each target's display unit. Records that fail to read or lack a
+    target are skipped; a file with no usable record raises ``ValueError``.
+    """
+    from se3tcli.io import read_molecules  # RDKit/ASE are needed only for files
+
+    numbers, positions, values, counts = [], [], [], []
+    skipped = 0
+    for molecule in read_molecules([path]):
+        row = _target_values(molecule.properties, targets) if molecule.ok else None
+        if row is None:
+            skipped += 1
+            continue
+        numbers.append(molecule.numbers.astype(np.int8))
+        positions.append(molecule.positions.astype(np.float32))
+        values.append(row)
+        counts.append(len(molecule.numbers))
+    if len(values) < 3:
+        raise ValueError(
+            f"{path}: only {len(values)} records carry all of {', '.join(targets)} "
+            f"({skipped} skipped); need >= 3"
+        )
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return QM9Data(
+        numbers=np.concatenate(numbers),
+        positions=np.concatenate(positions),
+        offsets=offsets,
+        targets=np.asarray(values, dtype=np.float64),
+        index=np.arange(1, len(values) + 1, dtype=np.int32),
+        target_names=tuple(targets),
+    )
+
+
+def _target_values(properties: dict, targets: Sequence[str]) -> list[float] | None:
+    lowered = {str(k).lower(): v for k, v in properties.items()}
+    row = []
+    for target in targets:
+        raw = properties.get(target, lowered.get(target.lower()))
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            return None
+        if not np.isfinite(value):
+            return None
+        row.append(value)
+    return row

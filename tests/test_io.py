@@ -1,0 +1,527 @@
+"""Tests of se3tcli.io: reading SDF/XYZ/SMILES into Molecule records and writing predictions."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+from se3tcli.io import (
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_WARNING,
+    SUPPORTED_SUFFIXES,
+    InputError,
+    Molecule,
+    PredictionWriter,
+    _close_pair,
+    check_inputs,
+    read_molecules,
+    writer_formats,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_molecules"
+QM9_NAMES = [f"gdb_{i}" for i in (1, 2, 3, 5, 20, 829, 1000, 4208, 20000, 100000)]
+
+
+def _molblock(smiles: str, name: str, hydrogens: bool = True, seed: int = 3) -> str:
+    """One SD record of `smiles` with an ETKDG 3D conformer (hydrogens removed if not `hydrogens`)."""
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=seed)
+    if not hydrogens:
+        mol = Chem.RemoveHs(mol)
+    mol.SetProp("_Name", name)
+    return Chem.MolToMolBlock(mol) + "$$$$\n"
+
+
+def _xyz_frame(symbols: str, positions: list[tuple[float, float, float]], comment: str) -> str:
+    atoms = "".join(f"{s} {x} {y} {z}\n" for s, (x, y, z) in zip(symbols.split(), positions, strict=True))
+    return f"{len(positions)}\n{comment}\n{atoms}"
+
+
+WATER = [(0.0, 0.0, 0.0), (0.96, 0.0, 0.0), (-0.24, 0.93, 0.0)]
+
+
+def _read(path: Path, **kwargs) -> list[Molecule]:
+    return list(read_molecules([path], **kwargs))
+
+
+def _assert_well_formed(rows: list[Molecule], filename: str) -> None:
+    """Every row is a consistent Molecule; error rows name the file and a record."""
+    for row in rows:
+        assert isinstance(row, Molecule)
+        assert row.status in (STATUS_OK, STATUS_WARNING, STATUS_ERROR)
+        assert row.numbers.dtype == np.int64
+        assert row.positions.shape == (len(row.numbers), 3)
+        if row.status == STATUS_ERROR:
+            assert row.message.startswith(f"{filename} record ")
+        else:
+            assert len(row.numbers) > 0 and np.isfinite(row.positions).all()
+            assert (row.numbers > 0).all()
+
+
+# ----------------------------------------------------------------------------------------- sample files
+
+
+def test_qm9_sample_sdf():
+    rows = _read(SAMPLES / "qm9_sample.sdf")
+    assert [m.name for m in rows] == QM9_NAMES
+    assert all(m.status == STATUS_OK and m.message == "" for m in rows)
+    assert [m.index for m in rows] == list(range(10))
+    assert {1, 6, 7, 8, 9} == {int(z) for m in rows for z in m.numbers}  # H, C, N, O, F
+    methane = rows[0]
+    assert methane.formula == "CH4"
+    assert methane.numbers.tolist() == [6, 1, 1, 1, 1]
+    assert methane.properties["qm9_index"] == "1"
+    assert float(methane.properties["homo_eV"]) == pytest.approx(-0.3877 * 27.211386245988, abs=1e-5)
+    assert methane.rdkit_mol is not None and methane.rdkit_mol.GetNumAtoms() == 5
+    # C-H bond length of QM9's methane, Å
+    assert np.linalg.norm(methane.positions[1] - methane.positions[0]) == pytest.approx(1.0919, abs=1e-3)
+
+
+def test_qm9_sample_xyz_matches_sdf():
+    sdf = _read(SAMPLES / "qm9_sample.sdf")
+    xyz = _read(SAMPLES / "qm9_sample.xyz")
+    assert [m.name for m in xyz] == QM9_NAMES
+    assert all(m.status == STATUS_OK and m.rdkit_mol is None for m in xyz)
+    for a, b in zip(sdf, xyz, strict=True):
+        assert a.numbers.tolist() == b.numbers.tolist()
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-4)  # SDF keeps 4 decimals
+
+
+def test_drugs_smi_embeds_3d_with_hydrogens():
+    rows = _read(SAMPLES / "drugs.smi")
+    assert [m.name for m in rows] == ["aspirin", "caffeine", "paracetamol", "ibuprofen", "nicotine"]
+    assert all(m.status == STATUS_OK for m in rows)
+    aspirin = rows[0]
+    assert aspirin.formula == "C9H8O4"
+    assert (aspirin.numbers == 1).sum() == 8
+    assert np.ptp(aspirin.positions, axis=0).min() > 0.5  # really 3D, Å
+    assert aspirin.rdkit_mol.GetNumConformers() == 1
+    assert aspirin.properties == {"smiles": "CC(=O)Oc1ccccc1C(=O)O"}
+
+
+def test_bad_sdf_rows():
+    rows = _read(SAMPLES / "bad.sdf")
+    assert [m.status for m in rows] == [STATUS_ERROR, STATUS_ERROR, STATUS_WARNING, STATUS_OK]
+    assert [m.name for m in rows] == ["pentavalent_carbon", "dummy_atom", "ethanol_2d", "glycine_3d"]
+    assert rows[0].message.startswith("bad.sdf record 1 (pentavalent_carbon): RDKit sanitization failed")
+    assert "valence" in rows[0].message
+    assert rows[1].message == "bad.sdf record 2 (dummy_atom): unsupported element * (atom 1)"
+    assert rows[2].message.startswith("bad.sdf record 3 (ethanol_2d): 2D record: 3D conformer generated")
+    assert "hydrogens added" in rows[2].message
+    ethanol = rows[2]
+    assert ethanol.formula == "C2H6O" and ethanol.positions[:, 2].any()
+    assert rows[3].formula == "C2H5NO2" and rows[3].message == ""
+    assert not rows[0].ok and rows[2].ok
+
+
+def test_bad_sdf_without_embedding():
+    rows = _read(SAMPLES / "bad.sdf", embed=False)
+    assert [m.status for m in rows] == [STATUS_ERROR, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
+    assert rows[2].message == (
+        "bad.sdf record 3 (ethanol_2d): no 3D coordinates (2D record) and embedding is off"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- SDF
+
+
+def test_missing_hydrogens_are_added_or_rejected(tmp_path):
+    path = tmp_path / "noh.sdf"
+    path.write_text(_molblock("CC(=O)O", "acetic acid", hydrogens=False))
+    (row,) = _read(path)
+    assert row.status == STATUS_WARNING
+    assert row.message == "noh.sdf record 1 (acetic acid): hydrogens added"
+    assert row.formula == "C2H4O2"
+    (row,) = _read(path, embed=False)
+    assert row.status == STATUS_ERROR and "no explicit hydrogens" in row.message
+
+
+def test_unparsable_record_is_reported_and_reading_goes_on(tmp_path):
+    good = _molblock("O", "water")
+    broken = good.replace("water", "broken", 1).replace(" O ", " Xx", 1)  # unknown element symbol
+    counts = good.replace("water", "counts", 1).replace("  3  2  0", "  x  y  0", 1)  # broken counts line
+    path = tmp_path / "mixed.sdf"
+    path.write_text(good + broken + counts + good)
+    rows = _read(path)
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
+    assert rows[1].message.startswith("mixed.sdf record 2: cannot parse record: ")
+    assert rows[2].message.startswith("mixed.sdf record 3: cannot parse record: ")
+    assert rows[3].name == "water" and rows[3].index == 3
+    if hasattr(Chem.rdBase, "CaptureErrorLog"):  # RDKit's own reason is captured (RDKit >= 2026.03)
+        assert "Xx" in rows[1].message
+
+
+def test_sdf_without_name_gets_file_and_record(tmp_path):
+    path = tmp_path / "anon.sdf"
+    path.write_text(_molblock("N", "") * 2)
+    assert [m.name for m in _read(path)] == ["anon.sdf#1", "anon.sdf#2"]
+
+
+def test_sdf_is_read_lazily(tmp_path):
+    """The first record arrives before the file is read to its end: a record appended after the first
+    ``next()`` is still seen, which an eager reader (whole file read up front) would miss."""
+    path = tmp_path / "big.sdf"
+    path.write_text(_molblock("O", "water") * 10_000)
+    reader = read_molecules([path])
+    first = next(reader)
+    assert first.name == "water" and first.status == STATUS_OK
+    with path.open("a") as handle:
+        handle.write(_molblock("N", "appended"))
+    rest = list(reader)
+    assert len(rest) == 10_000
+    assert rest[-1].name == "appended" and rest[-1].index == 10_000
+    assert all(m.status == STATUS_OK for m in rest)
+
+
+def test_gzip_sdf(tmp_path):
+    text = (SAMPLES / "qm9_sample.sdf").read_bytes()
+    path = tmp_path / "qm9.SDF.GZ"
+    path.write_bytes(gzip.compress(text))
+    rows = _read(path)
+    assert [m.name for m in rows] == QM9_NAMES
+
+
+def test_broken_gzip_gives_error_rows(tmp_path):
+    not_gzip = tmp_path / "plain.sdf.gz"
+    not_gzip.write_bytes((SAMPLES / "qm9_sample.sdf").read_bytes())
+    (row,) = _read(not_gzip)
+    assert row.status == STATUS_ERROR and row.message.startswith("plain.sdf.gz record 1: cannot read")
+    truncated = tmp_path / "truncated.sdf.gz"
+    data = gzip.compress((SAMPLES / "qm9_sample.sdf").read_bytes() * 20)
+    truncated.write_bytes(data[: len(data) // 2])
+    rows = _read(truncated)
+    assert rows[0].name == "gdb_1" and rows[0].ok
+    assert rows[-1].status == STATUS_ERROR and "cannot read the rest of the file" in rows[-1].message
+
+
+# ----------------------------------------------------------------------------------------------- XYZ
+
+
+def test_xyz_names_and_extxyz_properties(tmp_path):
+    path = tmp_path / "frames.extxyz"
+    path.write_text(
+        _xyz_frame("O H H", WATER, "water molecule")
+        + _xyz_frame("O H H", WATER, "")
+        + _xyz_frame("O H H", WATER, 'name=w3 energy=-76.4 tag="a b" Properties=species:S:1:pos:R:3')
+    )
+    rows = _read(path)
+    assert [m.name for m in rows] == ["water molecule", "frames.extxyz#2", "w3"]
+    assert rows[0].properties == {}
+    assert rows[2].properties == {"name": "w3", "tag": "a b", "energy": "-76.4"}
+    assert all(m.status == STATUS_OK and m.formula == "H2O" for m in rows)
+
+
+def test_xyz_bad_frames(tmp_path):
+    path = tmp_path / "bad.xyz"
+    path.write_text(
+        _xyz_frame("O H H", WATER, "good")
+        + _xyz_frame("O H X", WATER, "dummy")
+        + _xyz_frame("O H Xx", WATER, "unknown")
+        + _xyz_frame("O H H", [(0, 0, 0), (0.05, 0, 0), (1, 0, 0)], "clash")
+        + _xyz_frame("O H H", [(0, 0, 0), (math.nan, 0, 0), (1, 0, 0)], "nan")
+        + "0\nempty\n"
+        + "5\ntoo many\nO 0 0 0\nH 1 0 0\n"  # declares 5 atoms, the next frame starts after 2
+        + _xyz_frame("O H H", WATER, "after")
+    )
+    rows = _read(path)
+    _assert_well_formed(rows, "bad.xyz")
+    assert [m.status for m in rows] == [STATUS_OK] + [STATUS_ERROR] * 6 + [STATUS_OK]
+    messages = [m.message for m in rows]
+    assert messages[1] == "bad.xyz record 2 (dummy): unsupported element X (atom 3)"
+    assert messages[2] == "bad.xyz record 3 (unknown): unknown element symbol 'Xx'"
+    assert messages[3] == "bad.xyz record 4 (clash): atoms 1 and 2 are 0.050 Å apart (< 0.1 Å)"
+    assert messages[4] == "bad.xyz record 5 (nan): non-finite coordinates (atom 2)"
+    assert messages[5] == "bad.xyz record 6 (empty): empty molecule"
+    assert messages[6] == "bad.xyz record 7: frame declares 5 atoms but has 2 atom lines"
+    assert rows[7].name == "after"
+
+
+def test_xyz_garbage_count_line_ends_the_file(tmp_path):
+    path = tmp_path / "garbage.xyz"
+    path.write_text(_xyz_frame("O H H", WATER, "good") + "not a count\n" + _xyz_frame("O H H", WATER, "lost"))
+    rows = _read(path)
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR]
+    assert rows[1].message == (
+        "garbage.xyz record 2: expected an atom count line, found 'not a count'; rest of the file skipped"
+    )
+
+
+# -------------------------------------------------------------------------------------------- SMILES
+
+
+def test_smiles_arguments_are_embedded():
+    rows = list(read_molecules(smiles=["CCO ethanol", "C1CC", "c1ccccc1"], seed=7))
+    assert [m.name for m in rows] == ["ethanol", "C1CC", "c1ccccc1"]
+    assert [m.source for m in rows] == ["<smiles>"] * 3
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert rows[1].message.startswith("<smiles> record 2 (C1CC): cannot parse SMILES 'C1CC'")
+    ethanol = rows[0]
+    assert ethanol.numbers.tolist() == [6, 6, 8, 1, 1, 1, 1, 1, 1]
+    assert np.linalg.norm(ethanol.positions[0] - ethanol.positions[1]) == pytest.approx(1.51, abs=0.05)  # Å
+    again = next(read_molecules(smiles=["CCO"], seed=7))
+    np.testing.assert_allclose(again.positions, ethanol.positions)  # seeded: reproducible
+
+
+def test_smiles_file_header_comments_and_errors(tmp_path):
+    path = tmp_path / "list.smiles"
+    path.write_text("SMILES Name\n# a comment\n\nCCO\tethanol\nnot_a_smiles bad one\n[Na+].[Cl-] salt\n")
+    rows = _read(path)
+    assert [m.name for m in rows] == ["ethanol", "bad one", "salt"]
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR, STATUS_WARNING]
+    assert rows[1].message.startswith("list.smiles record 2 (bad one): cannot parse SMILES")
+    assert rows[2].message.endswith("2 disconnected fragments placed side by side before optimisation")
+    assert rows[2].formula == "ClNa"
+
+
+# ---------------------------------------------------------------------------------- robustness, inputs
+
+
+@pytest.mark.parametrize("suffix", [".sdf", ".xyz", ".smi"])
+def test_crlf_line_endings(tmp_path, suffix):
+    source = {".sdf": "qm9_sample.sdf", ".xyz": "qm9_sample.xyz", ".smi": "drugs.smi"}[suffix]
+    text = (SAMPLES / source).read_text()
+    path = tmp_path / f"crlf{suffix}"
+    path.write_bytes(text.replace("\n", "\r\n").encode())
+    crlf, lf = _read(path), _read(SAMPLES / source)
+    assert [m.name for m in crlf] == [m.name for m in lf]
+    assert all(m.ok for m in crlf)
+    for a, b in zip(crlf, lf, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions)
+
+
+@pytest.mark.parametrize("suffix", SUPPORTED_SUFFIXES)
+def test_empty_file_gives_one_error_row(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(gzip.compress(b"") if suffix.endswith(".gz") else b"")
+    (row,) = _read(path)
+    assert row.status == STATUS_ERROR
+    assert row.message == f"empty{suffix} record 1: no molecules found"
+
+
+@pytest.mark.parametrize("suffix", SUPPORTED_SUFFIXES)
+def test_random_bytes_never_raise(tmp_path, suffix):
+    path = tmp_path / f"noise{suffix}"
+    path.write_bytes(random.Random(suffix).randbytes(20_000))
+    rows = _read(path)
+    assert rows
+    _assert_well_formed(rows, path.name)
+
+
+def test_check_inputs(tmp_path):
+    good = tmp_path / "ok.SDF"  # suffixes are case-insensitive
+    good.write_text(_molblock("O", "water"))
+    check_inputs([good])
+    for bad, words in [
+        (tmp_path / "missing.sdf", "not found"),
+        (tmp_path, "directory"),
+        (tmp_path / "mol.pdb", "unsupported input format"),
+    ]:
+        if bad.suffix == ".pdb":
+            bad.write_text("HETATM")
+        with pytest.raises(InputError, match=words):
+            check_inputs([good, bad])
+        with pytest.raises(InputError):  # raised by the call itself, before any record
+            read_molecules([good, bad])
+
+
+def test_formula_is_hill_notation():
+    def formula(numbers):
+        n = len(numbers)
+        return Molecule("m", "x", 0, np.array(numbers), np.zeros((n, 3)), {}, STATUS_OK).formula
+
+    assert formula([8, 1, 1]) == "H2O"
+    assert formula([6, 8, 6, 1, 1, 1, 1, 1, 1, 17]) == "C2H6ClO"
+    assert formula([17, 11]) == "ClNa"
+    assert formula([]) == ""
+
+
+def test_close_pair_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10, 200):
+        for scale in (0.3, 3.0):
+            pos = rng.uniform(0, scale * n ** (1 / 3), size=(n, 3))
+            d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.eye(n) * 1e9
+            found = _close_pair(pos, 0.1)
+            assert (found is not None) == bool((d < 0.1).any())
+            if found is not None:
+                i, j, dist = found
+                assert dist == pytest.approx(d[i, j]) and dist < 0.1
+    line = np.zeros((1000, 3))
+    line[:, 0] = np.arange(1000) * 0.2  # Å
+    assert _close_pair(line, 0.1) is None
+
+
+# ------------------------------------------------------------------------------------------- fuzzing
+
+
+def _mutated(valid: bytes) -> st.SearchStrategy[bytes]:
+    """Valid file content with a few byte-level and line-level edits."""
+    byte_edit = st.tuples(st.integers(0, len(valid)), st.integers(0, 40), st.binary(max_size=40))
+    byte_edits = st.lists(byte_edit, min_size=1, max_size=5)
+
+    def apply(edits):
+        data = valid
+        for pos, cut, insert in edits:
+            data = data[:pos] + insert + data[pos + cut :]
+        return data
+
+    lines = valid.splitlines(keepends=True)
+    line_edit = st.tuples(st.integers(0, len(lines) - 1), st.sampled_from(["drop", "dup", "junk"]), st.text())
+
+    def apply_lines(edits):
+        out = list(lines)
+        for i, kind, junk in edits:
+            i = min(i, len(out) - 1)
+            if kind == "drop":
+                del out[i]
+            elif kind == "dup":
+                out.insert(i, out[i])
+            else:
+                out[i] = junk.encode() + b"\n"
+        return b"".join(out)
+
+    line_edits = st.lists(line_edit, min_size=1, max_size=5).map(apply_lines)
+    return st.one_of(byte_edits.map(apply), line_edits)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+_VALID_XYZ = (SAMPLES / "qm9_sample.xyz").read_bytes()
+_VALID_SDF = (SAMPLES / "qm9_sample.sdf").read_bytes()[:4000] + (SAMPLES / "bad.sdf").read_bytes()
+_FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_FUZZ
+@given(data=st.one_of(st.binary(max_size=3000), _mutated(_VALID_XYZ)))
+def test_fuzz_xyz_reader(fuzz_dir, data):
+    path = fuzz_dir / "fuzz.xyz"
+    path.write_bytes(data)
+    _assert_well_formed(_read(path), "fuzz.xyz")
+
+
+@_FUZZ
+@given(data=st.one_of(st.binary(max_size=3000), _mutated(_VALID_SDF)))
+def test_fuzz_sdf_reader(fuzz_dir, data):
+    path = fuzz_dir / "fuzz.sdf"
+    path.write_bytes(data)
+    _assert_well_formed(_read(path), "fuzz.sdf")
+
+
+# ------------------------------------------------------------------------------------------- writers
+
+TARGETS = ("homo", "gap")
+UNITS = {"homo": "eV", "gap": "eV"}
+
+
+def _rows_for_writing() -> tuple[list[Molecule], list[dict[str, float] | None]]:
+    """QM9 molecules from SDF and XYZ, a SMILES error row without atoms, and matching predictions."""
+    sdf = _read(SAMPLES / "qm9_sample.sdf")[:3]
+    xyz = _read(SAMPLES / "qm9_sample.xyz")[3:5]
+    error = next(read_molecules(smiles=["C1CC"]))
+    rows = [*sdf, *xyz, error]
+    predictions = [{"homo": -7.123456789012345 - i, "gap": 10.5 + i} for i in range(5)] + [None]
+    predictions[1]["gap"] = math.nan
+    return rows, predictions
+
+
+def _write(path: Path) -> tuple[list[Molecule], list[dict[str, float] | None]]:
+    rows, predictions = _rows_for_writing()
+    with PredictionWriter(path, TARGETS, UNITS) as writer:
+        for row, prediction in zip(rows, predictions, strict=True):
+            writer.write(row, prediction)
+    return rows, predictions
+
+
+def test_csv_round_trip(tmp_path):
+    path = tmp_path / "out.csv"
+    rows, predictions = _write(path)
+    with path.open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    columns = ["name", "source", "index", "formula", "status", "message", "homo [eV]", "gap [eV]"]
+    assert list(table[0]) == columns
+    assert [r["name"] for r in table] == [m.name for m in rows]
+    assert [r["formula"] for r in table] == [m.formula for m in rows]
+    assert [r["index"] for r in table] == [str(m.index) for m in rows]
+    for record, prediction in zip(table[:5], predictions[:5], strict=True):
+        assert float(record["homo [eV]"]) == prediction["homo"]  # written at full precision
+    assert table[1]["gap [eV]"] == ""  # NaN
+    assert table[5]["status"] == "error" and table[5]["homo [eV]"] == "" and "C1CC" in table[5]["message"]
+
+
+def test_json_round_trip(tmp_path):
+    path = tmp_path / "out.json"
+    rows, predictions = _write(path)
+    records = json.loads(path.read_text())
+    assert [r["name"] for r in records] == [m.name for m in rows]
+    assert set(records[0]) == {"name", "source", "index", "formula", "status", "message", "predictions"}
+    assert records[0]["predictions"]["homo"] == {"value": predictions[0]["homo"], "unit": "eV"}
+    assert records[1]["predictions"]["gap"] == {"value": None, "unit": "eV"}  # NaN -> null
+    assert records[5]["predictions"] == {} and records[5]["status"] == "error"
+    empty = tmp_path / "empty.json"
+    PredictionWriter(empty, TARGETS, UNITS).close()
+    assert json.loads(empty.read_text()) == []
+
+
+def test_sdf_round_trip(tmp_path):
+    path = tmp_path / "out.sdf"
+    rows, predictions = _write(path)
+    back = list(Chem.SDMolSupplier(str(path), removeHs=False))
+    assert len(back) == 5  # the error row without atoms is skipped
+    assert all(mol is not None for mol in back)  # XYZ molecules got bonds: they sanitize
+    for mol, row, prediction in zip(back, rows, predictions, strict=False):
+        assert mol.GetProp("_Name") == row.name
+        assert float(mol.GetProp("homo [eV]")) == prediction["homo"]
+        assert mol.GetProp("se3t_status") == "ok"
+        assert [a.GetAtomicNum() for a in mol.GetAtoms()] == row.numbers.tolist()
+        np.testing.assert_allclose(mol.GetConformer().GetPositions(), row.positions, atol=1e-4)
+    assert back[0].GetProp("homo_eV") == rows[0].properties["homo_eV"]  # original tags kept
+    assert not back[1].HasProp("gap [eV]")  # NaN
+    assert Chem.MolToSmiles(Chem.RemoveHs(back[3])) == "C#N"
+
+
+def test_writer_is_atomic(tmp_path):
+    rows, predictions = _rows_for_writing()
+    path = tmp_path / "out.csv"
+    writer = PredictionWriter(path, TARGETS, UNITS)
+    writer.write(rows[0], predictions[0])
+    assert not path.exists()  # only the temporary file so far
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+    path.write_text("previous results\n")
+    with pytest.raises(RuntimeError), PredictionWriter(path, TARGETS, UNITS) as writer:
+        writer.write(rows[0], predictions[0])
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "previous results\n"  # untouched
+    assert list(tmp_path.iterdir()) == [path]
+
+    with PredictionWriter(path, TARGETS, UNITS) as writer:
+        writer.write(rows[0], predictions[0])
+    assert path.read_text().startswith("name,source,index")
+    with pytest.raises(ValueError):
+        writer.write(rows[0], predictions[0])
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_unsupported_output_suffix(tmp_path):
+    assert writer_formats() == (".csv", ".json", ".sdf")
+    with pytest.raises(InputError, match="unsupported output format"):
+        PredictionWriter(tmp_path / "out.xlsx", TARGETS, UNITS)
+    with pytest.raises(InputError):
+        PredictionWriter(tmp_path / "missing_dir" / "out.csv", TARGETS, UNITS)
+    assert list(tmp_path.iterdir()) == []

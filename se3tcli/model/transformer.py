@@ -1,0 +1,111 @@
+"""The SE(3)-Transformer: element embedding -> equivariant attention layers -> readout."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from se3tcli.graph import Batch
+from se3tcli.model.attention import EquivariantAttention
+from se3tcli.model.basis import AngularBasis, BesselBasis, EdgeGeometry
+from se3tcli.model.config import ModelConfig
+from se3tcli.model.heads import Readout
+from se3tcli.model.norm import make_activation
+
+_N_ELEMENTS = 119
+
+
+class UnsupportedElementError(ValueError):
+    pass
+
+
+class TransformerLayer(nn.Module):
+    """``h <- h + Attention(Activation(h))``."""
+
+    def __init__(self, config: ModelConfig, angular: AngularBasis):
+        super().__init__()
+        self.activation = make_activation(config.nonlinearity, config.channels, config.lmax)
+        self.attention = EquivariantAttention(config, angular)
+
+    def forward(self, h: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+        return h + self.attention(self.activation(h), geometry)
+
+
+class SE3Transformer(nn.Module):
+    """Maps a :class:`~se3tcli.graph.Batch` to ``{target: [n_mol]}`` in physical units."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.irreps_out = None  # per-molecule scalars (and mu_vector as 1o); see tests
+        element_index = torch.full((_N_ELEMENTS,), -1, dtype=torch.long)
+        element_index[list(config.elements)] = torch.arange(len(config.elements))
+        self.register_buffer("element_index", element_index)
+        self.embedding = nn.Embedding(len(config.elements), c)
+        self.radial_basis = BesselBasis(config.n_radial, config.cutoff)
+        # The radial network's hidden layers are shared by all layers; each layer maps them to its weights.
+        self.radial_net = nn.Sequential(
+            nn.Linear(config.n_radial, config.radial_hidden),
+            nn.SiLU(),
+            nn.Linear(config.radial_hidden, config.radial_hidden),
+            nn.SiLU(),
+        )
+        self.angular = AngularBasis(config.lmax, config.kernel_jmax)
+        self.layers = nn.ModuleList(TransformerLayer(config, self.angular) for _ in range(config.n_layers))
+        self.final_activation = make_activation(config.nonlinearity, c, config.lmax)
+        self.readout = Readout(config)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> SE3Transformer:
+        return cls(config)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.config.targets
+
+    def set_statistics(
+        self, mean: dict[str, float], std: dict[str, float], atom_refs: dict[str, np.ndarray]
+    ) -> None:
+        """Install normalisation (per atom for extensive targets) and atom references (per element)."""
+        readout = self.readout
+        for i, t in enumerate(readout.scalar_targets):
+            readout.mean[i] = float(mean.get(t, 0.0))
+            readout.std[i] = float(std.get(t, 1.0))
+            if t in atom_refs:
+                readout.atom_refs[:, i] = torch.as_tensor(
+                    np.asarray(atom_refs[t]), dtype=readout.atom_refs.dtype
+                )
+
+    def use_reference(self, enabled: bool = True) -> None:
+        """Route every convolution through e3nn's TensorProduct (the oracle) instead of the fast path."""
+        for layer in self.layers:
+            layer.attention.use_reference = enabled
+
+    def geometry(self, batch: Batch) -> EdgeGeometry:
+        src, dst = batch.edge_src, batch.edge_dst
+        vectors = batch.pos[src] - batch.pos[dst]  # [E, 3] Å, x_j - x_i
+        length = vectors.norm(dim=1)  # [E]
+        unit = vectors / length.clamp_min(1e-9)[:, None]
+        envelope = self.radial_basis.envelope(length)
+        radial = self.radial_net(self.radial_basis(length)) * envelope[:, None]
+        sh = self.angular.spherical_harmonics(unit)
+        return EdgeGeometry(src, dst, length, envelope, radial, sh, self.angular(sh))
+
+    def elements_of(self, z: torch.Tensor) -> torch.Tensor:
+        element = self.element_index[z.clamp(0, _N_ELEMENTS - 1)]
+        if z.numel() and (bool((element < 0).any()) or bool((z >= _N_ELEMENTS).any())):
+            bad = sorted(set(z[element < 0].tolist()))
+            raise UnsupportedElementError(f"atomic numbers {bad} are not supported by this model")
+        return element
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        element = self.elements_of(batch.z)
+        geometry = self.geometry(batch)
+        c, dim = self.config.channels, (self.config.lmax + 1) ** 2
+        h = self.embedding(element).new_zeros(batch.z.shape[0], c, dim)
+        h[:, :, 0] = self.embedding(element)  # [n_atoms, C, D]: scalars only at the start
+        for layer in self.layers:
+            h = layer(h, geometry)
+        return self.readout(self.final_activation(h), element, batch)

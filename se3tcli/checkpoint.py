@@ -1,0 +1,192 @@
+"""Checkpoints that load with ``torch.load(path, weights_only=True)``, and the bundled models.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (never pickled classes)::
+
+    {format, version, config, state_dict, normalization, atom_refs, targets, elements, training, metrics}
+
+``last.pt`` files also carry ``resume`` (optimizer, scheduler, RNG states, position in the run).
+A bundled model ``NAME.pt`` sits beside its model card ``NAME.json``, whose ``sha256`` is checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from se3tcli.model.config import ModelConfig
+from se3tcli.model.transformer import SE3Transformer
+from se3tcli.targets import TARGETS
+
+FORMAT = "se3t-checkpoint"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = "qm9-default"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable se3t checkpoint (the message is one line naming the file)."""
+
+
+@dataclass
+class LoadedModel:
+    model: SE3Transformer
+    path: Path
+    checkpoint: dict[str, Any]
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return self.model.targets
+
+    @property
+    def units(self) -> dict[str, str]:
+        return {t: TARGETS[t].unit for t in self.targets}
+
+    @property
+    def training_domain(self) -> dict[str, Any]:
+        return self.checkpoint.get("training", {}).get("domain", {})
+
+
+def checkpoint_dict(
+    model: SE3Transformer,
+    normalization: dict[str, dict[str, float]],
+    atom_refs: dict[str, list[float]],
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    config = model.config
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "normalization": normalization,
+        "atom_refs": atom_refs,
+        "targets": {t: TARGETS[t].unit for t in config.targets},
+        "elements": list(config.elements),
+        "training": training or {},
+        "metrics": metrics or {},
+    }
+
+
+def save_checkpoint(data: dict[str, Any], path: str | Path) -> None:
+    """Write atomically: a temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(data, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _short_reason(exc: BaseException) -> str:
+    """One line out of torch.load's long messages: the unpickler's own complaint when there is one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line.split(" Please use")[0][:200]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and validate a checkpoint dict; nothing in the file is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a loadable se3t checkpoint ({_short_reason(exc)})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a se3t checkpoint (no '{FORMAT}' format marker)")
+    if data.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {data.get('version')} is not supported")
+    missing = [k for k in ("config", "state_dict", "normalization", "atom_refs", "targets") if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return data
+
+
+def model_from_checkpoint(data: dict[str, Any], path: str | Path = "<memory>") -> SE3Transformer:
+    try:
+        config = ModelConfig.from_dict(data["config"])
+        model = SE3Transformer.from_config(config)
+        model.load_state_dict(data["state_dict"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+        reason = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: checkpoint does not match the model ({reason[:200]})") from None
+    return model.eval()
+
+
+def bundled_models() -> dict[str, Path]:
+    """Bundled checkpoints by name (``models/NAME.pt``, installed as the package ``se3tcli.models``)."""
+    folder = resources.files("se3tcli.models")
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".pt"):
+            found[entry.name[: -len(".pt")]] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def read_card(checkpoint_path: Path) -> dict[str, Any]:
+    card_path = checkpoint_path.with_suffix(".json")
+    if not card_path.is_file():
+        return {}
+    try:
+        return json.loads(card_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{card_path}: unreadable model card ({exc})") from None
+
+
+def resolve_model(name_or_path: str | None) -> tuple[Path, bool]:
+    """``(path, bundled)`` for a bundled model name or a checkpoint path."""
+    name = name_or_path or DEFAULT_MODEL
+    bundled = bundled_models()
+    if name in bundled:
+        return bundled[name], True
+    path = Path(name).expanduser()
+    if path.exists():
+        return path, False
+    if name_or_path is None:
+        raise CheckpointError(
+            f"no bundled model '{DEFAULT_MODEL}' is installed; "
+            "train one with 'se3t train' and pass --model PATH"
+        )
+    known = ", ".join(bundled) or "none"
+    raise CheckpointError(f"{name}: no such checkpoint file or bundled model (bundled: {known})")
+
+
+def load_model(name_or_path: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a bundled model by name (hash-checked against its card) or a checkpoint file."""
+    path, bundled = resolve_model(name_or_path)
+    card = read_card(path)
+    if bundled:
+        expected = card.get("checkpoint", {}).get("sha256")
+        if not expected:
+            raise CheckpointError(f"{path}: bundled model has no sha256 in its model card")
+        if sha256_of(path) != expected:
+            raise CheckpointError(f"{path}: sha256 does not match the model card; the file was modified")
+    data = read_checkpoint(path)
+    model = model_from_checkpoint(data, path).to(device)
+    return LoadedModel(model=model, path=path, checkpoint=data, card=card)

@@ -1,0 +1,479 @@
+"""The ``se3t`` command line: parse options, call the library, render. No science here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from se3tcli import __version__
+
+app = typer.Typer(
+    name="se3t",
+    help="Molecular property prediction with an SE(3)-Transformer.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+PREVIEW_ROWS = 200  # most rows printed as a table when predictions also go to a file
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: one line on stderr, exit code 2."""
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(command):
+    """Turn expected failures into one-line errors (exit 2 for usage, 1 otherwise); ``--debug`` re-raises."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from se3tcli.checkpoint import CheckpointError
+        from se3tcli.data.qm9 import QM9Unavailable
+        from se3tcli.io import InputError
+
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (
+            UsageError,
+            InputError,
+            CheckpointError,
+            QM9Unavailable,
+            FileNotFoundError,
+            FileExistsError,
+        ) as exc:
+            if debug:
+                raise
+            _fail(str(exc), EXIT_USAGE)
+        except Exception as exc:  # noqa: BLE001 - last line of defence: no traceback reaches the user
+            if debug:
+                raise
+            _fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"se3t {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """Predict quantum-chemical properties of molecules, train models on QM9, check equivariance."""
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _device(name: str):
+    from se3tcli.train import select_device
+
+    try:
+        return select_device(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _targets(spec: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
+    from se3tcli.targets import parse_targets
+
+    try:
+        return parse_targets(spec, available)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- predict
+
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
+
+@app.command()
+@guarded
+def predict(
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help="SDF/MOL(.gz), XYZ/extXYZ or SMILES (.smi/.txt) files.")
+    ] = None,
+    smiles: Annotated[
+        list[str] | None, typer.Option("--smiles", help="A SMILES string (repeatable).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Bundled model name or checkpoint path.")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated targets (default: all).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write .csv, .json or .sdf.")] = None,
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Molecules per batch.")] = 64,
+    no_embed: Annotated[
+        bool, typer.Option("--no-embed", help="Reject 2D/H-less records instead of embedding.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Predict properties of the molecules in INPUTS (and --smiles) with a trained model."""
+    from se3tcli.checkpoint import load_model
+    from se3tcli.io import PredictionWriter, check_inputs, read_molecules
+    from se3tcli.predict import predict_stream
+    from se3tcli.render import predictions_table, progress_bar, status_messages
+
+    inputs, smiles = list(inputs or []), list(smiles or [])
+    if not inputs and not smiles:
+        raise UsageError("give at least one input file or --smiles")
+    check_inputs(inputs)
+    torch_device = _device(device)
+    loaded = load_model(model, torch_device)
+    chosen = _targets(targets, loaded.targets)
+    writer = PredictionWriter(output, chosen, loaded.units) if output else None
+    _sigterm_as_interrupt()
+    shown: list = []
+    n_done = n_predicted = 0
+    try:
+        with progress_bar(err_console) as progress:
+            task = progress.add_task("predicting", total=None)
+            molecules = read_molecules(inputs, smiles, embed=not no_embed)
+            for molecule, values in predict_stream(loaded, molecules, torch_device, chosen, batch_size):
+                n_done += 1
+                n_predicted += values is not None
+                if writer:
+                    writer.write(molecule, values)
+                if writer is None or len(shown) < PREVIEW_ROWS:
+                    shown.append((molecule, values))
+                progress.update(task, completed=n_done)
+    except BaseException:
+        if writer:
+            writer.abort()
+        raise
+    if writer:
+        writer.close()
+    console.print(predictions_table(shown, chosen))
+    for line in status_messages(shown):
+        console.print(line, highlight=False, soft_wrap=True)
+    if writer and n_done > len(shown):
+        console.print(f"(first {len(shown)} of {n_done} rows shown)")
+    summary = f"{n_predicted} of {n_done} molecules predicted"
+    console.print(summary + (f"; written to {output}" if output else ""))
+    if n_predicted == 0:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@app.command()
+@guarded
+def train(
+    dataset: Annotated[str, typer.Option(help="'qm9' or a labelled .sdf/.extxyz file.")] = "qm9",
+    targets: Annotated[
+        str | None, typer.Option(help="Comma-separated targets (default: all 12 of QM9).")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Model size: small or base.")] = "small",
+    channels: Annotated[int | None, typer.Option(help="Override the preset's channels per degree.")] = None,
+    lmax: Annotated[int | None, typer.Option(help="Override the preset's highest feature degree.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Override the preset's number of layers.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Override the preset's attention heads.")] = None,
+    kernel: Annotated[str | None, typer.Option(help="depthwise or full.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    cutoff: Annotated[float, typer.Option(min=0.1, help="Neighbour cutoff in Å.")] = 5.0,
+    device: DeviceOption = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/se3t"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
+    limit: Annotated[int | None, typer.Option(min=3, help="Use only this many molecules.")] = None,
+    patience: Annotated[int | None, typer.Option(min=1, help="Early-stopping patience in epochs.")] = None,
+    time_limit: Annotated[
+        float | None, typer.Option(min=0.0, help="Stop (resumably) after MIN minutes.")
+    ] = None,
+    cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt and test metrics."""
+    from se3tcli.render import RichTrainingReporter, metrics_table
+    from se3tcli.targets import QM9_TARGETS, TARGETS
+    from se3tcli.train import Trainer, TrainOptions
+
+    overrides = {
+        k: v
+        for k, v in {
+            "channels": channels,
+            "lmax": lmax,
+            "n_layers": layers,
+            "n_heads": heads,
+            "kernel": kernel,
+        }.items()
+        if v is not None
+    }
+    chosen = _targets(targets, QM9_TARGETS if dataset.lower() == "qm9" else tuple(TARGETS))
+    options = TrainOptions(
+        dataset=dataset,
+        targets=chosen,
+        preset=preset,
+        model_overrides=overrides,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        cutoff=cutoff,
+        device=device,
+        amp=amp,
+        seed=seed,
+        out=str(out),
+        resume=resume,
+        limit=limit,
+        patience=patience,
+        time_limit=time_limit,
+        cache=str(cache) if cache else None,
+    )
+    _device(device)
+    reporter = RichTrainingReporter(err_console)
+    trainer = Trainer(options, reporter)
+    try:
+        trainer.setup()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    stop_requested = []
+
+    def request_stop(signum, frame):  # noqa: ARG001
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        result = trainer.run(should_stop=lambda: bool(stop_requested))
+    finally:
+        reporter.stop()
+    if result["status"] in ("time limit", "interrupted"):
+        console.print(f"stopped ({result['status']}); last.pt saved in {out}; continue with --resume")
+        if result["status"] == "interrupted":
+            raise typer.Exit(EXIT_INTERRUPTED)
+        return
+    console.print(
+        metrics_table(result["test"], f"test set ({result['status']} after {result['epoch']} epochs)")
+    )
+    console.print(f"run directory: {out}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+@guarded
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="Bundled model name or checkpoint path.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="Default: the checkpoint's training data.")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Evaluate the first N molecules of the split.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    plots: Annotated[Path | None, typer.Option(help="Write a parity plot PNG per target here.")] = None,
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """MAE and RMSE per target, in physical units, on a split of the data the model was trained on."""
+    from se3tcli.checkpoint import load_model
+    from se3tcli.render import metrics_table
+    from se3tcli.train import error_metrics, labelled_for_checkpoint, predict_arrays
+
+    if split not in ("train", "val", "test"):
+        raise UsageError(f"--split must be train, val or test, not {split!r}")
+    torch_device = _device(device)
+    loaded = load_model(model, torch_device)
+    labelled = labelled_for_checkpoint(loaded.checkpoint, dataset, str(cache) if cache else None)
+    indices = labelled.split[split][:limit]
+    data = labelled.data
+    pred = predict_arrays(loaded.model, data, indices, batch_size, torch_device, loaded.model.config.cutoff)
+    truth = data.targets[indices]
+    metrics = error_metrics(pred, truth, data.target_names)
+    if plots:
+        from se3tcli.plots import parity_plots
+
+        parity_plots(pred, truth, data.target_names, plots)
+    if json_output:
+        print(
+            json.dumps(
+                {"model": str(loaded.path), "split": split, "n": int(len(indices)), "metrics": metrics}
+            )
+        )
+        return
+    console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {len(indices)} molecules"))
+
+
+# ----------------------------------------------------------------------------- check-equivariance
+
+
+def _sample_file() -> Path:
+    return Path(str(resources.files("se3tcli.samples") / "qm9_sample.sdf"))
+
+
+@app.command("check-equivariance")
+@guarded
+def check_equivariance_command(
+    inputs: Annotated[
+        list[Path] | None, typer.Argument(help="Molecule files (default: the sample molecules).")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Bundled model, checkpoint path, or 'random' (an untrained base network)."),
+    ] = None,
+    trials: Annotated[int, typer.Option(min=1, help="Random transforms per molecule and kind.")] = 3,
+    dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
+    device: DeviceOption = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    max_molecules: Annotated[int, typer.Option(min=1, help="Check at most this many molecules.")] = 10,
+    debug: DebugOption = False,
+) -> None:
+    """Prove on real molecules that predictions are invariant (and the dipole equivariant) under rotations,
+    translations, permutations and reflection."""
+    import torch
+
+    from se3tcli.checkpoint import load_model
+    from se3tcli.equivariance import TOLERANCE, check_equivariance
+    from se3tcli.io import check_inputs, read_molecules
+    from se3tcli.model.config import preset
+    from se3tcli.model.transformer import SE3Transformer
+    from se3tcli.render import equivariance_table
+
+    if dtype not in TOLERANCE:
+        raise UsageError(f"--dtype must be float64 or float32, not {dtype!r}")
+    files = list(inputs or [_sample_file()])
+    check_inputs(files)
+    torch_device = _device(device)
+    if model == "random":
+        torch.manual_seed(seed)
+        network = SE3Transformer.from_config(preset("base"))
+        elements = set(network.config.elements)
+    else:
+        loaded = load_model(model, torch_device)
+        network, elements = loaded.model, set(loaded.model.config.elements)
+    molecules = []
+    for molecule in read_molecules(files):
+        if molecule.ok and set(molecule.numbers.tolist()) <= elements:
+            molecules.append((molecule.name, molecule.numbers, molecule.positions))
+        if len(molecules) >= max_molecules:
+            break
+    if not molecules:
+        raise UsageError("no readable molecule with elements the model supports in the inputs")
+    results = check_equivariance(network, molecules, trials, dtype, torch_device, seed)
+    passed = all(r.passed for r in results)
+    if json_output:
+        report = {
+            "passed": passed,
+            "dtype": dtype,
+            "device": str(torch_device),
+            "checks": [r.to_dict() for r in results],
+        }
+        print(json.dumps(report))
+    else:
+        console.print(equivariance_table(results, dtype, str(torch_device)))
+        console.print("[green]all checks passed[/]" if passed else "[red]some checks failed[/]")
+    if not passed:
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _card_summary(path: Path, checkpoint: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    from se3tcli.checkpoint import sha256_of
+
+    if card:
+        return card
+    training = checkpoint.get("training", {})
+    n_params = sum(v.numel() for k, v in checkpoint["state_dict"].items() if not _is_buffer_key(k))
+    return {
+        "name": path.stem,
+        "checkpoint": {"path": str(path), "sha256": sha256_of(path)},
+        "targets": checkpoint["targets"],
+        "elements": checkpoint.get("elements"),
+        "config": checkpoint["config"],
+        "parameters": n_params,
+        "training": {k: v for k, v in training.items() if k != "options"},
+        "metrics": checkpoint.get("metrics", {}),
+    }
+
+
+def _is_buffer_key(key: str) -> bool:
+    buffers = (
+        "element_index",
+        "frequencies",
+        "coupling",
+        "path_norm",
+        "mean",
+        "std",
+        "atom_refs",
+        "extensive",
+    )
+    return key.rsplit(".", 1)[-1] in buffers
+
+
+@app.command()
+@guarded
+def info(
+    model: Annotated[str | None, typer.Argument(help="Bundled model name or checkpoint path.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show a model card (targets, units, data, test MAE, limits, hash), or list the bundled models."""
+    from se3tcli.checkpoint import bundled_models, load_model
+    from se3tcli.render import card_table
+
+    if model is None:
+        found = {name: str(path) for name, path in bundled_models().items()}
+        if json_output:
+            print(json.dumps({"bundled_models": found}))
+        elif found:
+            for name, path in found.items():
+                console.print(f"{name}\t{path}")
+        else:
+            console.print("no bundled models installed")
+        return
+    loaded = load_model(model)
+    summary = _card_summary(loaded.path, loaded.checkpoint, loaded.card)
+    if json_output:
+        print(json.dumps(summary, default=str))
+    else:
+        console.print(card_table(summary))
+
+
+def run() -> None:  # pragma: no cover - `python -m se3tcli`
+    app(prog_name="se3t")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,142 @@
+"""Rich tables and progress displays (no science here)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule
+from se3tcli.targets import PAPER_MAE, TARGETS
+from se3tcli.train import TrainingReporter
+
+_STATUS_STYLE = {"ok": "green", STATUS_WARNING: "yellow", STATUS_ERROR: "red"}
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or not math.isfinite(value):
+        return ""
+    return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.6g}"
+
+
+def predictions_table(rows: Sequence[tuple[Molecule, dict | None]], targets: Sequence[str]) -> Table:
+    table = Table(title="se3t predictions", show_lines=False)
+    table.add_column("name", overflow="fold")
+    table.add_column("formula")
+    table.add_column("status")
+    for t in targets:
+        table.add_column(f"{t} [{TARGETS[t].unit}]", justify="right")
+    for molecule, values in rows:
+        style = _STATUS_STYLE.get(molecule.status, "")
+        cells = [_fmt(values.get(t)) if values else "" for t in targets]
+        table.add_row(molecule.name, molecule.formula, f"[{style}]{molecule.status}[/]", *cells)
+    return table
+
+
+def status_messages(rows: Sequence[tuple[Molecule, dict | None]]) -> list[str]:
+    """One line per warning/error row (the messages name file, record and reason)."""
+    return [
+        f"[{_STATUS_STYLE[m.status]}]{m.status}[/]: {m.message}"
+        for m, _ in rows
+        if m.status != "ok" and m.message
+    ]
+
+
+def metrics_table(metrics: dict[str, dict], title: str) -> Table:
+    """MAE/RMSE per target in error units, beside the SE(3)-Transformer paper's MAE where it has one."""
+    table = Table(title=title)
+    for name, justify in (("target", "left"), ("MAE", "right"), ("RMSE", "right"), ("unit", "left")):
+        table.add_column(name, justify=justify)
+    table.add_column("paper MAE", justify="right", style="dim")
+    for t, m in metrics.items():
+        paper = PAPER_MAE.get(t)
+        table.add_row(
+            t,
+            _fmt(m["mae_error_unit"]),
+            _fmt(m["rmse_error_unit"]),
+            m["error_unit"],
+            "" if paper is None else f"{paper:g}",
+        )
+    return table
+
+
+def equivariance_table(results: Sequence[Any], dtype: str, device: str) -> Table:
+    table = Table(title=f"equivariance checks ({dtype}, {device})")
+    for name in ("molecule", "transform", "max abs error", "max rel error", "tolerance", "result"):
+        table.add_column(name, justify="right" if "error" in name or name == "tolerance" else "left")
+    for r in results:
+        verdict = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
+        table.add_row(
+            r.molecule,
+            r.transform,
+            f"{r.max_abs_error:.2e}",
+            f"{r.max_rel_error:.2e}",
+            f"{r.tolerance:.0e}",
+            verdict,
+        )
+    return table
+
+
+def card_table(card: dict[str, Any]) -> Table:
+    table = Table(title=f"model {card.get('name', '')}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in card.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        table.add_row(str(key), str(value))
+    return table
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+class RichTrainingReporter(TrainingReporter):
+    """Progress bar with ETA and live loss; one line per epoch."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress = progress_bar(console)
+        self.task = None
+
+    def start(self, total_steps: int, done_steps: int, info: dict[str, Any]) -> None:
+        self.console.print(f"training on {info['device']} -> {info['out']}")
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=done_steps)
+
+    def step(self, done_steps: int, loss: float, lr: float) -> None:
+        self.progress.update(self.task, completed=done_steps, description=f"loss {loss:.4f} lr {lr:.2e}")
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.progress.console.print(
+            f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val score {row['val_score']:.4f} "
+            f"({row['time_s']:.0f} s)"
+        )
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def stop(self) -> None:
+        self.progress.stop()

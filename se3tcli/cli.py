@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import signal
 import sys
 from importlib import resources
@@ -255,6 +256,7 @@ def train(
         patience=patience,
         time_limit=time_limit,
         cache=str(cache) if cache else None,
+        command=shlex.join(["se3t", *sys.argv[1:]]),
     )
     _device(device)
     reporter = RichTrainingReporter(err_console)
@@ -410,36 +412,26 @@ def check_equivariance_command(
 
 
 def _card_summary(path: Path, checkpoint: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
-    from se3tcli.checkpoint import sha256_of
+    """The model card of a bundled model, or the same fields read from a plain checkpoint."""
+    from ase.data import chemical_symbols
+
+    from se3tcli.checkpoint import model_from_checkpoint, sha256_of
 
     if card:
         return card
     training = checkpoint.get("training", {})
-    n_params = sum(v.numel() for k, v in checkpoint["state_dict"].items() if not _is_buffer_key(k))
+    model = model_from_checkpoint(checkpoint, path)
     return {
         "name": path.stem,
         "checkpoint": {"path": str(path), "sha256": sha256_of(path)},
         "targets": checkpoint["targets"],
-        "elements": checkpoint.get("elements"),
+        "elements": [chemical_symbols[z] for z in checkpoint.get("elements", [])],
+        "parameters": sum(p.numel() for p in model.parameters()),
         "config": checkpoint["config"],
-        "parameters": n_params,
         "training": {k: v for k, v in training.items() if k != "options"},
-        "metrics": checkpoint.get("metrics", {}),
+        "domain": training.get("domain", {}),
+        "validation": checkpoint.get("metrics", {}).get("val", {}),
     }
-
-
-def _is_buffer_key(key: str) -> bool:
-    buffers = (
-        "element_index",
-        "frequencies",
-        "coupling",
-        "path_norm",
-        "mean",
-        "std",
-        "atom_refs",
-        "extensive",
-    )
-    return key.rsplit(".", 1)[-1] in buffers
 
 
 @app.command()
@@ -451,7 +443,7 @@ def info(
 ) -> None:
     """Show a model card (targets, units, data, test MAE, limits, hash), or list the bundled models."""
     from se3tcli.checkpoint import bundled_models, load_model
-    from se3tcli.render import card_table
+    from se3tcli.render import card_tables
 
     if model is None:
         found = {name: str(path) for name, path in bundled_models().items()}
@@ -468,7 +460,56 @@ def info(
     if json_output:
         print(json.dumps(summary, default=str))
     else:
-        console.print(card_table(summary))
+        for table in card_tables(summary):
+            console.print(table)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@app.command()
+@guarded
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint written by 'se3t train' (e.g. RUN/best.pt).")
+    ],
+    name: Annotated[str, typer.Option(help="Model name (file stem).")],
+    dest: Annotated[Path, typer.Option(help="Folder for NAME.pt and NAME.json.")] = Path("models"),
+    description: Annotated[str, typer.Option(help="One sentence for the model card.")] = "",
+    training_command: Annotated[
+        str, typer.Option(help="How the model was trained (default: as recorded).")
+    ] = "",
+    device: DeviceOption = "auto",
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Package a checkpoint as a model: test-split errors, NAME.pt and its model card NAME.json."""
+    from se3tcli.card import write_model
+    from se3tcli.checkpoint import model_from_checkpoint, read_checkpoint
+    from se3tcli.render import metrics_table
+    from se3tcli.train import evaluate_split, labelled_for_checkpoint
+
+    torch_device = _device(device)
+    data = read_checkpoint(checkpoint)
+    model = model_from_checkpoint(data, checkpoint).to(torch_device)
+    labelled = labelled_for_checkpoint(data, cache=str(cache) if cache else None)
+    metrics = evaluate_split(model, labelled, "test", batch_size, torch_device)
+    n_parameters = sum(p.numel() for p in model.parameters())
+    evaluation_command = f"se3t evaluate --model {name} --split test"
+    pt_path, card_path = write_model(
+        name,
+        data,
+        dest,
+        metrics,
+        n_parameters,
+        evaluation_command,
+        training_command,
+        str(torch_device),
+        description,
+    )
+    console.print(metrics_table(metrics, f"{name}: test split, {len(labelled.split['test'])} molecules"))
+    console.print(f"wrote {pt_path} and {card_path}")
 
 
 def run() -> None:  # pragma: no cover - `python -m se3tcli`

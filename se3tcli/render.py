@@ -88,17 +88,50 @@ def equivariance_table(results: Sequence[Any], dtype: str, device: str) -> Table
     return table
 
 
-def card_table(card: dict[str, Any]) -> Table:
-    table = Table(title=f"model {card.get('name', '')}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value", overflow="fold")
-    for key, value in card.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in value.items())
-        elif isinstance(value, list):
-            value = ", ".join(str(v) for v in value)
-        table.add_row(str(key), str(value))
-    return table
+def _flat(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_flat(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_flat(v) for v in value)
+    return str(value)
+
+
+def card_tables(card: dict[str, Any]) -> list[Table]:
+    """A model card as a summary table plus, when it has them, the test errors beside the paper's."""
+    summary = Table(title=f"model {card.get('name', '')}", show_header=False)
+    summary.add_column("field", style="bold")
+    summary.add_column("value", overflow="fold")
+    training = card.get("training", {})
+    rows = {
+        "description": card.get("description"),
+        "targets": card.get("targets"),
+        "elements": card.get("elements"),
+        "parameters": card.get("parameters"),
+        "data": training.get("data"),
+        "trained with": training.get("command"),
+        "epochs": training.get("epochs_done"),
+        "wall time (s)": training.get("wall_time_s"),
+        "device": training.get("device"),
+        "domain": card.get("domain"),
+        "checkpoint": card.get("checkpoint"),
+        "evaluation": card.get("evaluation"),
+        "versions": card.get("versions"),
+        "limitations": card.get("limitations"),
+    }
+    for key, value in rows.items():
+        if value not in (None, "", {}, []):
+            summary.add_row(key, _flat(value))
+    tables = [summary]
+    errors = card.get("test_errors")
+    if errors:
+        table = Table(title="test-set errors")
+        for name in ("target", "MAE", "RMSE", "unit", "paper MAE"):
+            table.add_column(name, justify="left" if name in ("target", "unit") else "right")
+        for target, e in errors.items():
+            paper = "" if e.get("paper_mae") is None else f"{e['paper_mae']:g}"
+            table.add_row(target, _fmt(e["mae"]), _fmt(e["rmse"]), e["unit"], paper)
+        tables.append(table)
+    return tables
 
 
 def progress_bar(console: Console) -> Progress:

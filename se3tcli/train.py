@@ -57,6 +57,7 @@ class TrainOptions:
     time_limit: float | None = None  # minutes of wall-clock time for this invocation
     cache: str | None = None
     eval_batch_size: int = 256
+    command: str = ""  # the command line that started the run, for the record
 
 
 class TrainingReporter:
@@ -313,6 +314,7 @@ class Trainer:
         heavy = np.add.reduceat((data.numbers > 1).astype(np.int64), data.offsets[:-1]) if len(data) else [0]
         return {
             "options": self._options_dict(),
+            "command": self.opts.command,
             "data": self.labelled.description,
             "domain": {
                 "elements": sorted({int(z) for z in np.unique(data.numbers)}),

@@ -1,0 +1,127 @@
+"""Packaging a trained checkpoint as a model: ``NAME.pt`` plus its model card ``NAME.json``.
+
+The card records what the model is, how it was trained, its test errors (measured by this export, on the
+test split of its own training data) beside the SE(3)-Transformer paper's, its domain and the sha256 of
+the checkpoint, which ``load_model`` verifies for bundled models.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import e3nn
+import torch
+from ase.data import chemical_symbols
+
+from se3tcli import __version__
+from se3tcli.checkpoint import save_checkpoint, sha256_of
+from se3tcli.targets import PAPER_MAE, TARGETS
+
+CARD_LIMITATIONS = (
+    "Trained on QM9: small organic molecules (H, C, N, O, F; at most 9 heavy atoms) at B3LYP/6-31G(2df,p) "
+    "equilibrium geometries. Predictions for larger molecules, other elements, charged species, radicals or "
+    "geometries not optimised at that level are extrapolations and can be far off."
+)
+
+
+def count_parameters(state_dict: dict[str, torch.Tensor], parameter_names: set[str]) -> int:
+    return int(sum(v.numel() for k, v in state_dict.items() if k in parameter_names))
+
+
+def build_card(
+    name: str,
+    checkpoint: dict[str, Any],
+    checkpoint_path: Path,
+    test_metrics: dict[str, dict],
+    n_parameters: int,
+    evaluation: dict[str, Any],
+    training_command: str,
+    description: str = "",
+) -> dict[str, Any]:
+    training = checkpoint.get("training", {})
+    options = training.get("options", {})
+    errors = {}
+    for target, m in test_metrics.items():
+        paper = PAPER_MAE.get(target)
+        errors[target] = {
+            "mae": m["mae_error_unit"],
+            "rmse": m["rmse_error_unit"],
+            "unit": m["error_unit"],
+            "paper_mae": paper,
+            "beats_paper": None if paper is None else bool(m["mae_error_unit"] < paper),
+        }
+    domain = training.get("domain", {})
+    return {
+        "name": name,
+        "description": description,
+        "checkpoint": {
+            "file": checkpoint_path.name,
+            "sha256": sha256_of(checkpoint_path),
+            "size_bytes": checkpoint_path.stat().st_size,
+        },
+        "targets": {t: TARGETS[t].unit for t in checkpoint["targets"]},
+        "elements": [chemical_symbols[z] for z in checkpoint["elements"]],
+        "parameters": n_parameters,
+        "config": checkpoint["config"],
+        "training": {
+            "data": training.get("data", {}),
+            "command": training_command or options.get("command", ""),
+            "options": options,
+            "epochs_done": training.get("epochs_done"),
+            "steps": training.get("steps"),
+            "wall_time_s": training.get("wall_time_s"),
+            "device": training.get("device"),
+            "torch_version": training.get("torch_version"),
+        },
+        "domain": {
+            "elements": [chemical_symbols[z] for z in domain.get("elements", [])],
+            "max_atoms": domain.get("max_atoms"),
+            "max_heavy_atoms": domain.get("max_heavy_atoms"),
+        },
+        "test_errors": errors,
+        "evaluation": evaluation,
+        "limitations": CARD_LIMITATIONS,
+        "versions": {"se3t": __version__, "torch": str(torch.__version__), "e3nn": e3nn.__version__},
+    }
+
+
+def write_model(
+    name: str,
+    checkpoint: dict[str, Any],
+    dest: Path,
+    test_metrics: dict[str, dict],
+    n_parameters: int,
+    evaluation_command: str,
+    training_command: str,
+    device: str,
+    description: str = "",
+) -> tuple[Path, Path]:
+    """Write ``dest/NAME.pt`` (without resume state) and ``dest/NAME.json``; both atomically."""
+    dest.mkdir(parents=True, exist_ok=True)
+    stripped = {k: v for k, v in checkpoint.items() if k != "resume"}
+    pt_path = dest / f"{name}.pt"
+    save_checkpoint(stripped, pt_path)
+    evaluation = {
+        "command": evaluation_command,
+        "device": device,
+        "host": platform.processor() or platform.machine(),
+        "date": datetime.date.today().isoformat(),
+        "split": "test",
+        "n_molecules": next(iter(test_metrics.values()))["n"] if test_metrics else 0,
+    }
+    card = build_card(
+        name, stripped, pt_path, test_metrics, n_parameters, evaluation, training_command, description
+    )
+    card_path = dest / f"{name}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{card_path.name}.", dir=dest)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(card, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+    os.replace(tmp, card_path)
+    return pt_path, card_path

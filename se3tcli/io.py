@@ -32,7 +32,7 @@ import re
 import textwrap
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +64,7 @@ MIN_DISTANCE = 0.1  # Å; two atoms closer than this make a record invalid
 _SMILES_HEADER_WORDS = {"smiles", "smi"}
 _MAX_LINE_CHARS = 1 << 20  # longest text line the XYZ/SMILES readers accept (1 MiB)
 _MAX_REASON_CHARS = 300
-_MAX_ATOMS_BOND_PERCEPTION = 200  # larger XYZ molecules go to SDF output without bonds (perception is slow)
+_MAX_ATOMS_BOND_PERCEPTION = 500  # larger atoms-only molecules are written to SDF without bonds
 _MMFF_MAX_ITERS = 2000
 _FRAGMENT_GAP = 3.0  # Å between the bounding spheres of disconnected fragments before optimisation
 
@@ -160,9 +160,10 @@ def read_molecules(
     InputError
         Immediately (before any record is produced) for missing files or unsupported suffixes.
     """
-    paths = list(paths)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    smiles = [smiles] if isinstance(smiles, str) else list(smiles)
     check_inputs(paths)
-    return _iter_molecules(paths, list(smiles), embed, seed)
+    return _iter_molecules(paths, smiles, embed, seed)
 
 
 def _iter_molecules(paths: list[str | Path], smiles: list[str], embed: bool, seed: int) -> Iterator[Molecule]:
@@ -176,7 +177,7 @@ def _iter_molecules(paths: list[str | Path], smiles: list[str], embed: bool, see
             yield from _read_smiles_file(path, seed)
     for index, line in enumerate(smiles):
         text, name = _split_smiles_line(line)
-        yield _guarded(_Record(SMILES_SOURCE, index), lambda r, t=text, n=name: _from_smiles(r, t, n, seed))
+        yield _guarded(_from_smiles, _Record(SMILES_SOURCE, index), text, name, seed)
 
 
 @dataclass(frozen=True)
@@ -249,10 +250,10 @@ class _Record:
         )
 
 
-def _guarded(record: _Record, build) -> Molecule:
-    """Run ``build(record)``; an unexpected exception becomes an error row instead of ending the reading."""
+def _guarded(build: Callable[..., Molecule], record: _Record, *args: object) -> Molecule:
+    """``build(record, *args)``; an unexpected exception becomes an error row, not the end of reading."""
     try:
-        return build(record)
+        return build(record, *args)
     except Exception as exc:  # any failure of one record must not stop the others
         return record.error(f"cannot read record: {_reason(exc)}")
 
@@ -401,24 +402,30 @@ def _read_sdf(path: str | Path, embed: bool, seed: int) -> Iterator[Molecule]:
         return
     with handle:
         supplier = Chem.ForwardSDMolSupplier(handle, sanitize=False, removeHs=False)
-        while True:
-            record = _Record(source, index)
-            with _RDKitLog() as log:
-                try:
-                    mol = next(supplier)
-                except StopIteration:
-                    break
-                except Exception as exc:  # I/O or decompression errors of the stream
-                    yield record.error(f"cannot read the rest of the file: {_reason(exc)}")
-                    return
-                if mol is None:
-                    row = record.error(f"cannot parse record: {log.reason('RDKit could not parse it')}")
-                else:
-                    row = _guarded(record, lambda r, m=mol: _from_sdf_mol(r, m, embed, seed))
-            yield row
-            index += 1
+        more = True
+        while more:
+            row, more = _next_sdf_row(supplier, _Record(source, index), embed, seed)
+            if row is not None:
+                yield row
+                index += 1
     if index == 0:
         yield _Record(source, 0).error("no molecules found")
+
+
+def _next_sdf_row(
+    supplier: Chem.ForwardSDMolSupplier, record: _Record, embed: bool, seed: int
+) -> tuple[Molecule | None, bool]:
+    """The next record's row (None at the end of the file) and whether reading can go on."""
+    with _RDKitLog() as log:
+        try:
+            mol = next(supplier)
+        except StopIteration:
+            return None, False
+        except Exception as exc:  # I/O or decompression errors of the underlying stream
+            return record.error(f"cannot read the rest of the file: {_reason(exc)}"), False
+        if mol is None:
+            return record.error(f"cannot parse record: {log.reason('RDKit could not parse it')}"), True
+        return _guarded(_from_sdf_mol, record, mol, embed, seed), True
 
 
 def _text_prop(mol: Chem.Mol, key: str) -> str | None:
@@ -535,7 +542,7 @@ def _read_smiles_file(path: str | Path, seed: int) -> Iterator[Molecule]:
                 smiles, name = _split_smiles_line(text)
                 if index == 0 and smiles.lower() in _SMILES_HEADER_WORDS:
                     continue
-                yield _guarded(record, lambda r, s=smiles, n=name: _from_smiles(r, s, n, seed))
+                yield _guarded(_from_smiles, record, smiles, name, seed)
                 index += 1
     except OSError as exc:
         yield _Record(source, index).error(f"cannot read the rest of the file: {_reason(exc)}")
@@ -560,7 +567,7 @@ def _read_xyz(path: str | Path) -> Iterator[Molecule]:
                 if problem:
                     yield record.error(problem)
                 else:
-                    yield _guarded(record, lambda r, c=comment, a=atom_lines: _from_xyz_frame(r, c, a))
+                    yield _guarded(_from_xyz_frame, record, comment, atom_lines)
                 index += 1
     except OSError as exc:
         yield _Record(source, index).error(f"cannot read the rest of the file: {_reason(exc)}")
@@ -701,7 +708,11 @@ class PredictionWriter:
             raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         self._closed = False
         format_class = {".csv": _CsvFormat, ".json": _JsonFormat, ".sdf": _SdfFormat}[suffix]
-        self._format = format_class(self._handle, self.targets, self.units)
+        try:
+            self._format = format_class(self._handle, self.targets, self.units)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, molecule: Molecule, predictions: Mapping[str, float] | None) -> None:
         """Append one row; predictions of error rows, missing targets and NaN values are left empty."""
@@ -750,7 +761,7 @@ class _CsvFormat:
 
     def __init__(self, handle: IO[str], targets: tuple[str, ...], units: dict[str, str]):
         self._targets = targets
-        self._csv = csv.writer(handle)
+        self._csv = csv.writer(handle, lineterminator="\n")
         self._csv.writerow([*_BASE_COLUMNS, *(_column(t, units[t]) for t in targets)])
 
     def write(self, molecule: Molecule, values: dict[str, float | None]) -> None:
@@ -807,7 +818,7 @@ class _SdfFormat:
             mol = Chem.Mol(molecule.rdkit_mol)
         else:
             mol = _mol_from_atoms(molecule.numbers, molecule.positions, perceive_bonds=molecule.ok)
-        mol.SetProp("_Name", molecule.name)
+        mol.SetProp("_Name", " ".join(molecule.name.split()))  # the title line of an SD record
         for key, value in molecule.properties.items():
             mol.SetProp(key, value)
         for target, tag in self._tags.items():
@@ -817,7 +828,7 @@ class _SdfFormat:
             elif mol.HasProp(tag):  # a stale value from an earlier run in the input
                 mol.ClearProp(tag)
         mol.SetProp("se3t_status", molecule.status)
-        mol.SetProp("se3t_message", molecule.message)
+        mol.SetProp("se3t_message", " ".join(molecule.message.split()))
         with _RDKitLog():
             try:
                 text = Chem.SDWriter.GetText(mol)

@@ -494,6 +494,20 @@ def test_sdf_round_trip(tmp_path):
     assert Chem.MolToSmiles(Chem.RemoveHs(back[3])) == "C#N"
 
 
+def test_sdf_output_of_bad_records(tmp_path):
+    rows = list(read_molecules(str(SAMPLES / "bad.sdf")))  # a single path is accepted as well
+    path = tmp_path / "bad_out.sdf"
+    with PredictionWriter(path, TARGETS, UNITS) as writer:
+        for row in rows:
+            writer.write(row, {"homo": -6.5, "gap": 8.0})
+    back = list(Chem.SDMolSupplier(str(path), sanitize=False, removeHs=False))
+    assert [m.GetProp("_Name") for m in back] == [r.name for r in rows]
+    assert [m.GetProp("se3t_status") for m in back] == ["error", "error", "warning", "ok"]
+    assert back[0].GetNumBonds() == 0  # error rows keep their atoms, without bonds or predictions
+    assert not back[0].HasProp("homo [eV]") and back[3].GetProp("homo [eV]") == "-6.5"
+    assert back[2].GetProp("se3t_message") == rows[2].message
+
+
 def test_writer_is_atomic(tmp_path):
     rows, predictions = _rows_for_writing()
     path = tmp_path / "out.csv"

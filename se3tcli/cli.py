@@ -7,6 +7,7 @@ import json
 import shlex
 import signal
 import sys
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -163,13 +164,15 @@ def predict(
         with progress_bar(err_console) as progress:
             task = progress.add_task("predicting", total=None)
             molecules = read_molecules(inputs, smiles, embed=not no_embed)
-            for molecule, values in predict_stream(loaded, molecules, torch_device, chosen, batch_size):
+            report_oom = functools.partial(err_console.print, style="yellow")
+            stream = predict_stream(loaded, molecules, torch_device, chosen, batch_size, on_oom=report_oom)
+            for molecule, values in stream:
                 n_done += 1
                 n_predicted += values is not None
                 if writer:
                     writer.write(molecule, values)
                 if writer is None or len(shown) < PREVIEW_ROWS:
-                    shown.append((molecule, values))
+                    shown.append((replace(molecule, rdkit_mol=None), values))  # keep the table light
                 progress.update(task, completed=n_done)
     except BaseException:
         if writer:

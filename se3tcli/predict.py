@@ -1,14 +1,20 @@
 """Streaming inference: molecules in, ``(molecule, predictions)`` out, in input order.
 
-Records that cannot be predicted (read errors, elements the model never saw) pass through with their
-reason; records larger than anything in the training data get a warning. Batches are bounded both in
-molecules and in atoms; a GPU out-of-memory error halves the batch and retries.
+Reading runs in a background thread (bounded queue) while the model works on the previous batch, so
+parsing, conformer generation, inference and writing overlap and memory stays flat. Records that cannot
+be predicted (read errors, elements the model never saw) pass through with their reason; records outside
+the training domain (larger, charged, radicals) get a warning. Batches are bounded in molecules and in
+atoms; a GPU out-of-memory error halves the batch, says so, and retries.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 from ase.data import chemical_symbols
@@ -19,45 +25,65 @@ from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule
 from se3tcli.model.transformer import SE3Transformer
 
 MAX_ATOMS_PER_BATCH = 4096
+PREFETCH_RECORDS = 256  # records read ahead of the model
 
 Prediction = dict[str, float]
+T = TypeVar("T")
+
+
+def _symbol(z: int) -> str:
+    return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z{z}"
 
 
 def _with_status(molecule: Molecule, status: str, reason: str) -> Molecule:
-    where = f"{molecule.source} record {molecule.index + 1} ({molecule.name})"
-    message = f"{where}: {reason}"
-    if molecule.message and status == STATUS_WARNING:
-        message = f"{molecule.message}; {reason}"
-    return replace(molecule, status=status, message=message)
+    where = f"{Path(molecule.source).name} record {molecule.index + 1} ({molecule.name})"
+    if status == STATUS_WARNING and molecule.message:
+        return replace(molecule, status=status, message=f"{molecule.message}; {reason}")
+    return replace(molecule, status=status, message=f"{where}: {reason}")
+
+
+def _domain_warnings(molecule: Molecule, domain: dict) -> list[str]:
+    reasons = []
+    n_atoms, n_heavy = len(molecule.numbers), int((molecule.numbers > 1).sum())
+    if domain.get("max_atoms") and n_atoms > domain["max_atoms"]:
+        reasons.append(f"{n_atoms} atoms, more than the {domain['max_atoms']} seen in training")
+    if domain.get("max_heavy_atoms") and n_heavy > domain["max_heavy_atoms"]:
+        reasons.append(f"{n_heavy} heavy atoms, more than the {domain['max_heavy_atoms']} seen in training")
+    mol = molecule.rdkit_mol
+    if mol is not None:
+        charge = sum(atom.GetFormalCharge() for atom in mol.GetAtoms())
+        radicals = sum(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms())
+        if charge:
+            reasons.append(f"net charge {charge:+d}; the model was trained on neutral molecules")
+        if radicals:
+            reasons.append(f"{radicals} radical electron(s); the model was trained on closed shells")
+    return reasons
 
 
 def check_domain(molecule: Molecule, loaded: LoadedModel) -> Molecule:
-    """Error for elements the model does not know; warning for molecules larger than its training data."""
+    """Error for elements the model does not know; warnings for molecules outside its training domain."""
     if not molecule.ok:
         return molecule
     elements = set(loaded.model.config.elements)
     unknown = sorted({int(z) for z in molecule.numbers} - elements)
     if unknown:
-        names = ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z{z}" for z in unknown)
-        known = " ".join(chemical_symbols[z] for z in sorted(elements))
+        names = ", ".join(_symbol(z) for z in unknown)
+        known = " ".join(_symbol(z) for z in sorted(elements))
         return _with_status(
             molecule, STATUS_ERROR, f"element {names} not supported by this model (knows {known})"
         )
-    domain = loaded.training_domain
-    n_atoms = len(molecule.numbers)
-    n_heavy = int((molecule.numbers > 1).sum())
-    if domain.get("max_atoms") and n_atoms > domain["max_atoms"]:
-        reason = f"{n_atoms} atoms, more than the {domain['max_atoms']} seen in training: extrapolation"
-        return _with_status(molecule, STATUS_WARNING, reason)
-    if domain.get("max_heavy_atoms") and n_heavy > domain["max_heavy_atoms"]:
-        limit = domain["max_heavy_atoms"]
-        reason = f"{n_heavy} heavy atoms, more than the {limit} seen in training: extrapolation"
-        return _with_status(molecule, STATUS_WARNING, reason)
+    reasons = _domain_warnings(molecule, loaded.training_domain)
+    if reasons:
+        return _with_status(molecule, STATUS_WARNING, "; ".join(reasons) + ": extrapolation")
     return molecule
 
 
 def run_model(
-    model: SE3Transformer, molecules: list[Molecule], device: torch.device, targets: tuple[str, ...]
+    model: SE3Transformer,
+    molecules: list[Molecule],
+    device: torch.device,
+    targets: tuple[str, ...],
+    on_oom: Callable[[str], None] | None = None,
 ) -> list[Prediction]:
     """Predictions for a list of molecules; on GPU out-of-memory the list is split in halves and retried."""
     try:
@@ -71,9 +97,47 @@ def run_model(
             raise
         torch.cuda.empty_cache()
         half = len(molecules) // 2
-        return run_model(model, molecules[:half], device, targets) + run_model(
-            model, molecules[half:], device, targets
-        )
+        if on_oom:
+            on_oom(
+                f"GPU out of memory on {len(molecules)} molecules; retrying as two batches of <= {half + 1}"
+            )
+        first = run_model(model, molecules[:half], device, targets, on_oom)
+        return first + run_model(model, molecules[half:], device, targets, on_oom)
+
+
+def prefetch(items: Iterable[T], depth: int = PREFETCH_RECORDS) -> Iterator[T]:
+    """Iterate ``items`` in a background thread, at most ``depth`` ahead; exceptions re-raise here."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            buffer.put((done, exc))
+
+    worker = threading.Thread(target=produce, name="se3t-reader", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def predict_stream(
@@ -92,11 +156,11 @@ def predict_stream(
 
     def flush() -> Iterator[tuple[Molecule, Prediction | None]]:
         ready = [m for m in pending if m.ok]
-        results = iter(run_model(model, ready, device, targets) if ready else [])
+        results = iter(run_model(model, ready, device, targets, on_oom) if ready else [])
         for m in pending:
             yield m, (next(results) if m.ok else None)
 
-    for molecule in molecules:
+    for molecule in prefetch(molecules):
         molecule = check_domain(molecule, loaded)
         pending.append(molecule)
         if molecule.ok:

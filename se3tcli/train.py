@@ -283,6 +283,7 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.micro_batches = 1  # doubled on each GPU out-of-memory error
         self.best_val, self.bad_epochs, self.elapsed = math.inf, 0, 0.0
         if opts.resume:
             r = state["resume"]
@@ -363,20 +364,40 @@ class Trainer:
         per_rank = len(order) // self.dist.world
         return order[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
 
-    def _train_step(self, batch, y: torch.Tensor) -> float:
+    def _train_step(self, chunk: np.ndarray) -> float:
+        """One optimizer step on the molecules ``chunk``; on GPU out-of-memory the batch is split into
+        micro-batches whose gradients add up to the same step (and stays split for the rest of the run)."""
+        while True:
+            try:
+                return self._accumulated_step(chunk)
+            except torch.cuda.OutOfMemoryError:
+                if self.micro_batches >= len(chunk):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self.micro_batches *= 2
+                self.reporter.message(
+                    f"GPU out of memory: each batch now runs as {self.micro_batches} micro-batches"
+                )
+
+    def _accumulated_step(self, chunk: np.ndarray) -> float:
         self.ddp_model.train()
-        batch = batch.to(self.device)
-        y = y.to(self.device)
-        use_amp = self.opts.amp and self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            outputs = self.ddp_model(batch)
-        loss = loss_fn(outputs, y, self.opts.targets, self.scale)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        use_amp = self.opts.amp and self.device.type == "cuda"
+        total = 0.0
+        for part in np.array_split(chunk, min(self.micro_batches, len(chunk))):
+            batch, y, _ = next(batches(self.labelled.data, part, len(part), self.opts.cutoff))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                outputs = self.ddp_model(batch.to(self.device))
+            loss = loss_fn(outputs, y.to(self.device), self.opts.targets, self.scale) * (
+                len(part) / len(chunk)
+            )
+            loss.backward()
+            total += float(loss.detach())
         nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return float(loss.detach())
+        return total
 
     def validate(self) -> dict[str, dict]:
         data = self.labelled.data
@@ -407,8 +428,9 @@ class Trainer:
             order = self._epoch_order(self.epoch)
             skip = self.batch_in_epoch * opts.batch_size
             running, seen = 0.0, 0
-            for batch, y, _ in batches(self.labelled.data, order[skip:], opts.batch_size, opts.cutoff):
-                loss = self._train_step(batch, y)
+            remaining = order[skip:]
+            for start in range(0, len(remaining), opts.batch_size):
+                loss = self._train_step(remaining[start : start + opts.batch_size])
                 running, seen = running + loss, seen + 1
                 self.batch_in_epoch += 1
                 self.step += 1

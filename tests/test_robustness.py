@@ -1,0 +1,244 @@
+"""Hostile and busy users: odd inputs, fuzzed arguments, interrupts, memory that must stay flat."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import signal
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from se3tcli.checkpoint import checkpoint_dict, load_model, save_checkpoint
+from se3tcli.cli import app
+from se3tcli.io import read_molecules
+from se3tcli.model.config import ModelConfig
+from se3tcli.model.transformer import SE3Transformer
+from se3tcli.predict import predict_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_molecules"
+TINY = dict(channels=8, n_heads=2, lmax=1, n_layers=1, radial_hidden=8, readout_hidden=8, n_radial=4)
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained but complete checkpoint (QM9-like statistics and domain) for fast CLI runs."""
+    torch.manual_seed(0)
+    model = SE3Transformer(ModelConfig(targets=("homo", "gap", "U0"), **TINY))
+    model.set_statistics({"homo": -6.5, "gap": 6.8, "U0": -76.0}, {"homo": 0.6, "gap": 1.3, "U0": 0.2}, {})
+    training = {"domain": {"elements": [1, 6, 7, 8, 9], "max_atoms": 29, "max_heavy_atoms": 9}}
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_checkpoint(checkpoint_dict(model, {}, {}, training), path)
+    return path
+
+
+def _xyz_frames(n: int, shift: float = 0.0) -> str:
+    frames = []
+    for i in range(n):
+        frames.append(
+            f"5\nmethane_{i}\nC {shift:.3f} 0 0\n"
+            f"H {shift + 0.63:.3f} 0.63 0.63\nH {shift - 0.63:.3f} -0.63 0.63\n"
+            f"H {shift - 0.63:.3f} 0.63 -0.63\nH {shift + 0.63:.3f} -0.63 -0.63\n"
+        )
+    return "".join(frames)
+
+
+def _predict_json(args: list[str], model: Path) -> tuple[int, list[dict], str]:
+    out = Path(args[-1]).parent / "out.json" if args else Path("out.json")
+    result = runner.invoke(app, ["predict", *args, "--model", str(model), "--device", "cpu", "-o", str(out)])
+    rows = json.loads(out.read_text()) if out.exists() else []
+    return result.exit_code, rows, result.output
+
+
+# ----------------------------------------------------------------------------- odd inputs
+
+
+def test_odd_molecules_get_a_prediction_or_a_clean_error_row(tmp_path, tiny_model):
+    big = "\n".join(f"C {i * 1.5:.3f} {(i % 7) * 1.5:.3f} {(i % 3) * 1.5:.3f}" for i in range(500))
+    (tmp_path / "big.xyz").write_text(f"500\nchain of 500 carbons\n{big}\n")
+    (tmp_path / "far.xyz").write_text(_xyz_frames(1, shift=1e6))
+    (tmp_path / "dup.xyz").write_text("3\nduplicated atom\nO 0 0 0\nH 0.96 0 0\nH 0.96 0 0\n")
+    (tmp_path / "metal.xyz").write_text("3\niron water\nFe 0 0 0\nO 2.0 0 0\nH 2.9 0 0\n")
+    (tmp_path / "crlf.xyz").write_bytes(_xyz_frames(2).replace("\n", "\r\n").encode())
+    (tmp_path / "empty.sdf").write_text("")
+    (tmp_path / "garbage.xyz").write_bytes(bytes(range(256)) * 4)
+    with gzip.open(tmp_path / "sample.sdf.gz", "wb") as handle:
+        handle.write((SAMPLES / "qm9_sample.sdf").read_bytes())
+    files = [
+        "big.xyz",
+        "far.xyz",
+        "dup.xyz",
+        "metal.xyz",
+        "crlf.xyz",
+        "empty.sdf",
+        "garbage.xyz",
+        "sample.sdf.gz",
+    ]
+    smiles = ["C[NH3+]", "[CH3]", "CC(=O)[O-].[Na+]"]
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            *[str(tmp_path / f) for f in files],
+            *[a for s in smiles for a in ("--smiles", s)],
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "-o",
+            str(tmp_path / "out.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    rows = json.loads((tmp_path / "out.json").read_text())
+    by_name = {(Path(r["source"]).name, r["name"]): r for r in rows}
+    status = {key: r["status"] for key, r in by_name.items()}
+    assert status[("big.xyz", "chain of 500 carbons")] == "warning"  # larger than the training domain
+    assert by_name[("big.xyz", "chain of 500 carbons")]["predictions"]
+    assert status[("far.xyz", "methane_0")] == "ok"
+    assert status[("dup.xyz", "duplicated atom")] == "error"
+    assert "Fe" in by_name[("metal.xyz", "iron water")]["message"]
+    assert [r["status"] for r in rows if r["source"].endswith("crlf.xyz")] == ["ok", "ok"]
+    assert [r["status"] for r in rows if r["source"].endswith("empty.sdf")] == ["error"]
+    assert all(r["status"] == "error" for r in rows if r["source"].endswith("garbage.xyz"))
+    assert sum(r["source"].endswith("sample.sdf.gz") and r["status"] == "ok" for r in rows) == 10
+    smiles_rows = [r for r in rows if r["source"] == "<smiles>"]
+    # charged and radical: warnings (outside the training domain); the sodium salt: unsupported element
+    assert [r["status"] for r in smiles_rows] == ["warning", "warning", "error"]
+    assert "Na" in smiles_rows[2]["message"]
+    for row in rows:
+        assert row["message"] or row["status"] == "ok"
+        if row["status"] == "error":
+            assert Path(row["source"]).name in row["message"] or row["source"] == "<smiles>"
+
+
+def test_far_from_origin_predicts_like_at_origin(tmp_path, tiny_model):
+    (tmp_path / "near.xyz").write_text(_xyz_frames(1))
+    (tmp_path / "far.xyz").write_text(_xyz_frames(1, shift=1e6))
+    loaded = load_model(str(tiny_model))
+    near, far = (
+        next(predict_stream(loaded, read_molecules([tmp_path / f]), torch.device("cpu")))[1]
+        for f in ("near.xyz", "far.xyz")
+    )
+    for target in near:
+        assert far[target] == pytest.approx(near[target], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- fuzzed arguments
+
+OPTION_VALUES = {
+    "--targets": st.one_of(
+        st.sampled_from(["homo", "gap,homo", "HOMO", "nope", ",", "homo,,gap", ""]), st.text()
+    ),
+    "--batch-size": st.one_of(st.integers(-5, 300).map(str), st.text(max_size=4)),
+    "--device": st.one_of(st.sampled_from(["cpu", "auto", "cuda", "tpu", ""]), st.text(max_size=6)),
+    "--smiles": st.one_of(st.sampled_from(["C", "CCO", "c1ccccc1", "[Xe]", "((", ""]), st.text(max_size=10)),
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    options=st.lists(st.tuples(st.sampled_from(sorted(OPTION_VALUES)), st.data()), max_size=4),
+    use_file=st.sampled_from(["qm9_sample.xyz", "missing.sdf", "README.md", None]),
+)
+def test_fuzzed_predict_arguments_never_trace_back(tiny_model, options, use_file):
+    args = ["predict", "--model", str(tiny_model)]
+    for flag, data in options:
+        args += [flag, data.draw(OPTION_VALUES[flag])]
+    if use_file:
+        args.append(str(SAMPLES / use_file) if use_file != "missing.sdf" else "missing.sdf")
+    result = runner.invoke(app, args)
+    assert result.exit_code in (0, 1, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- interrupts
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_interrupted_predict_leaves_no_partial_file(tmp_path, tiny_model):
+    source = tmp_path / "many.xyz"
+    source.write_text(_xyz_frames(20000))
+    out = tmp_path / "out.csv"
+    process = subprocess.Popen(
+        ["se3t", "predict", str(source), "--model", str(tiny_model), "--device", "cpu", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The temporary output appears once predictions start flowing.
+    assert _wait_for(lambda: any(tmp_path.glob(".out.csv.*.tmp")), timeout=120)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.csv*"))
+
+
+@pytest.mark.slow
+def test_interrupted_train_saves_last_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    pytest.importorskip("se3tcli.data.qm9")
+    base = ["se3t", "train", "--dataset", "qm9", "--limit", "60", "--targets", "homo,gap"]
+    tiny = ["--channels", "8", "--heads", "2", "--lmax", "1", "--layers", "1", "--device", "cpu"]
+    process = subprocess.Popen(
+        [*base, *tiny, "--epochs", "100000", "--batch-size", "4", "--out", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert _wait_for(lambda: (run / "metrics.csv").exists(), timeout=180)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert (run / "last.pt").exists()
+    resumed = subprocess.run(
+        ["se3t", "train", "--out", str(run), "--resume", "--epochs", "1"], capture_output=True, text=True
+    )
+    # The saved run is past epoch 1 already: resuming with a smaller budget finishes at once.
+    assert resumed.returncode == 0, resumed.stderr
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _peak_python_memory(path: Path, loaded) -> int:
+    tracemalloc.start()
+    for _ in predict_stream(loaded, read_molecules([path]), torch.device("cpu"), batch_size=32):
+        pass
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.slow
+def test_streaming_memory_does_not_grow_with_input(tmp_path, tiny_model):
+    loaded = load_model(str(tiny_model))
+    small, large = tmp_path / "small.xyz", tmp_path / "large.xyz"
+    small.write_text(_xyz_frames(500))
+    large.write_text(_xyz_frames(3000))
+    peak_small = _peak_python_memory(small, loaded)
+    peak_large = _peak_python_memory(large, loaded)
+    # Six times the molecules, (nearly) the same peak: nothing accumulates per record.
+    assert peak_large < 1.5 * peak_small + 2_000_000, (peak_small, peak_large)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -100,13 +99,23 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# torch.load's boilerplate around the unpickler's complaint (one line even suggests weights_only=False).
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation of torch.load")
+
+
 def _short_reason(exc: BaseException) -> str:
     """One line out of torch.load's long messages: the unpickler's own complaint when there is one."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "Unsupported global" in line or "WeightsUnpickler error" in line:
-            return line.split(" Please use")[0][:200]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    useful = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines]
+    useful = [
+        line
+        for line, raw in zip(useful, lines, strict=True)
+        if line and not raw.startswith(_TORCH_BOILERPLATE)
+    ]
+    reason = useful[0].split(" Please use")[0] if useful else type(exc).__name__
+    if isinstance(exc, (EOFError, OSError, zipfile.BadZipFile)):
+        reason = f"truncated or corrupt file: {reason}"
+    return reason[:200]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -116,7 +125,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except Exception as exc:  # whatever a corrupt or hostile file makes the restricted unpickler raise
         raise CheckpointError(f"{path}: not a loadable se3t checkpoint ({_short_reason(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a se3t checkpoint (no '{FORMAT}' format marker)")
@@ -134,7 +143,7 @@ def model_from_checkpoint(data: dict[str, Any], path: str | Path = "<memory>") -
         model = SE3Transformer.from_config(config)
         model.load_state_dict(data["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0]
+        reason = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])  # what, then where
         raise CheckpointError(f"{path}: checkpoint does not match the model ({reason[:200]})") from None
     return model.eval()
 

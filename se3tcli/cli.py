@@ -207,7 +207,9 @@ def train(
     layers: Annotated[int | None, typer.Option(help="Override the preset's number of layers.")] = None,
     heads: Annotated[int | None, typer.Option(help="Override the preset's attention heads.")] = None,
     kernel: Annotated[str | None, typer.Option(help="depthwise or full.")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 100,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs (default 100; with --resume, the run's own).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     cutoff: Annotated[float, typer.Option(min=0.1, help="Neighbour cutoff in Å.")] = 5.0,

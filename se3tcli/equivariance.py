@@ -64,12 +64,16 @@ def _compare(reference: dict[str, np.ndarray], transformed: dict[str, np.ndarray
     return worst_abs, worst_rel
 
 
-def _transforms(n_atoms: int, rng: np.random.Generator, generator: torch.Generator):
+def _transforms(n_atoms: int, rng: np.random.Generator):
     """Yield ``(name, matrix R, shift, permutation)``: new positions are ``(R @ x + shift)[perm]``."""
     identity, no_shift, same = np.eye(3), np.zeros(3), np.arange(n_atoms)
 
     def rotation() -> np.ndarray:
-        return o3.rand_matrix(generator=generator, dtype=torch.float64).numpy()
+        # rand_matrix draws from torch's global generator (it takes no generator argument): seed it
+        # from ``rng`` inside a forked RNG state, so checks are reproducible and the caller's RNG is kept.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**62)))
+            return o3.rand_matrix(dtype=torch.float64).numpy()
 
     def shift() -> np.ndarray:
         return rng.uniform(-10.0, 10.0, size=3)
@@ -103,14 +107,13 @@ def check_equivariance(
     tolerance = TOLERANCE[dtype]
     model = model.to(device=device, dtype=torch_dtype).eval()
     rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(seed)
     results = []
     with tf32_disabled():
         for name, numbers, positions in molecules:
             reference = _predict(model, numbers, positions, torch_dtype, device)
             worst: dict[str, tuple[float, float]] = {}
             for _ in range(trials):
-                for transform, matrix, shift, perm in _transforms(len(numbers), rng, generator):
+                for transform, matrix, shift, perm in _transforms(len(numbers), rng):
                     moved = (positions @ matrix.T + shift)[perm]
                     out = _predict(model, numbers[perm], moved, torch_dtype, device)
                     err = _compare(reference, out, matrix)

@@ -44,6 +44,10 @@ def _with_status(molecule: Molecule, status: str, reason: str) -> Molecule:
 
 def _domain_warnings(molecule: Molecule, domain: dict) -> list[str]:
     reasons = []
+    unseen = sorted({int(z) for z in molecule.numbers} - set(domain.get("elements") or molecule.numbers))
+    if unseen:
+        names = ", ".join(_symbol(z) for z in unseen)
+        reasons.append(f"element {names} absent from the training data (its atom reference is untrained)")
     n_atoms, n_heavy = len(molecule.numbers), int((molecule.numbers > 1).sum())
     if domain.get("max_atoms") and n_atoms > domain["max_atoms"]:
         reasons.append(f"{n_atoms} atoms, more than the {domain['max_atoms']} seen in training")

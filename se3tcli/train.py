@@ -32,6 +32,7 @@ from se3tcli.model.transformer import SE3Transformer
 from se3tcli.targets import ATOM_REF_TARGETS, TARGETS
 
 MU_VECTOR_KEY = "mu_vector"
+DEFAULT_EPOCHS = 100
 
 
 @dataclass
@@ -40,7 +41,7 @@ class TrainOptions:
     targets: tuple[str, ...] = tuple(TARGETS)
     preset: str = "small"
     model_overrides: dict | None = None  # ModelConfig fields that replace the preset's
-    epochs: int = 100
+    epochs: int | None = 100  # None: 100 for a new run, the run's own number on resume
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 1e-5
@@ -246,8 +247,14 @@ class Trainer:
             for key, value in saved.items():
                 if key not in keep:
                     setattr(opts, key, tuple(value) if key == "targets" else value)
+            if opts.epochs is None:  # not given: the run's own budget, so its LR schedule is unchanged
+                opts.epochs = saved["epochs"]
+            if opts.patience is None:  # not given: the run's own early stopping
+                opts.patience = saved.get("patience")
         elif resume_path.exists():
             raise FileExistsError(f"{self.out} already holds a run; use --resume or another --out")
+        if opts.epochs is None:
+            opts.epochs = DEFAULT_EPOCHS
         torch.manual_seed(opts.seed)
         self.labelled: LabelledData = load_labelled(
             opts.dataset, opts.targets, opts.seed, opts.limit, opts.cache
@@ -285,6 +292,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.micro_batches = 1  # doubled on each GPU out-of-memory error
         self.best_val, self.bad_epochs, self.elapsed = math.inf, 0, 0.0
+        self.epoch_loss_sum = 0.0  # this epoch's batch losses so far, kept across a resume
         if opts.resume:
             r = state["resume"]
             self.optimizer.load_state_dict(r["optimizer"])
@@ -292,6 +300,8 @@ class Trainer:
             torch.set_rng_state(r["torch_rng"])
             self.epoch, self.batch_in_epoch, self.step = r["epoch"], r["batch_in_epoch"], r["step"]
             self.best_val, self.bad_epochs, self.elapsed = r["best_val"], r["bad_epochs"], r["elapsed"]
+            self.epoch_loss_sum = r.get("epoch_loss_sum", 0.0)
+            self.micro_batches = r.get("micro_batches", 1)
         elif self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_split(self.out / "splits.npz", self.labelled.split, opts.seed)
@@ -348,8 +358,10 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch,
                 "step": self.step,
                 "best_val": self.best_val,
+                "epoch_loss_sum": self.epoch_loss_sum,
                 "bad_epochs": self.bad_epochs,
                 "elapsed": self.elapsed,
+                "micro_batches": self.micro_batches,
             }
         return data
 
@@ -427,11 +439,12 @@ class Trainer:
         while self.epoch < opts.epochs:
             order = self._epoch_order(self.epoch)
             skip = self.batch_in_epoch * opts.batch_size
-            running, seen = 0.0, 0
+            if skip == 0:
+                self.epoch_loss_sum = 0.0
             remaining = order[skip:]
             for start in range(0, len(remaining), opts.batch_size):
                 loss = self._train_step(remaining[start : start + opts.batch_size])
-                running, seen = running + loss, seen + 1
+                self.epoch_loss_sum += loss
                 self.batch_in_epoch += 1
                 self.step += 1
                 self.elapsed = elapsed_before + time.monotonic() - started
@@ -439,12 +452,16 @@ class Trainer:
                 out_of_time = (
                     opts.time_limit is not None and time.monotonic() - started > opts.time_limit * 60
                 )
-                if out_of_time or should_stop():
+                # Every rank must stop after the same step, or the others wait forever in the next one.
+                flags = _all_reduce_sum(np.array([out_of_time, should_stop()], float), self.dist, self.device)
+                out_of_time = bool(flags[0])
+                if out_of_time or flags[1]:
                     self.save_last()
                     return {"status": "time limit" if out_of_time else "interrupted", "epoch": self.epoch}
             val = self.validate()
+            train_loss = self.epoch_loss_sum / max(self.batch_in_epoch, 1)
             self.epoch += 1
-            self.batch_in_epoch = 0
+            self.batch_in_epoch, self.epoch_loss_sum = 0, 0.0
             score = float(np.mean([val[t]["mae"] / self.statistics["loss_scale"][t] for t in opts.targets]))
             improved = score < self.best_val
             if improved:
@@ -455,7 +472,7 @@ class Trainer:
                 "epoch": self.epoch,
                 "time_s": round(self.elapsed, 1),
                 "lr": self.scheduler.get_last_lr()[0],
-                "train_loss": running / max(seen, 1),
+                "train_loss": train_loss,
                 "val_score": score,
                 **{f"val_mae_{t}": val[t]["mae"] for t in opts.targets},
             }

@@ -48,7 +48,7 @@ def load_labelled(
     else:
         full = read_labelled_file(Path(dataset), targets)
         sizes = None
-        name = str(dataset)
+        name = str(Path(dataset).resolve())  # absolute, so evaluate works from any folder
     columns = [full.target_names.index(t) for t in targets]
     subset = _limit_indices(len(full), limit, seed)
     data = full.subset(subset)

@@ -4,7 +4,10 @@
 ``α_ij = softmax_j(q_i · k_ij / sqrt(d))`` per head over the neighbours j of i, and
 ``f_out,i = W_self f_i + Σ_j α_ij v_ij``. The dot product sums over m inside every degree, so the logits
 are invariant. Each edge's unnormalised weight is multiplied by the smooth cutoff envelope, so an atom
-crossing the cutoff changes the output continuously.
+crossing the cutoff changes the output continuously. The normalisation alone cannot achieve that for a
+receiver whose neighbours all sit near the cutoff (an isolated pair: its one weight is 1 just inside the
+cutoff and 0 outside), so the aggregated messages are also scaled by :func:`neighbourhood_gate`, which is
+exactly 1 whenever the envelopes of a receiver's edges sum to at least 1 (every atom of QM9).
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import math
 import torch
 from torch import nn
 
-from se3tcli.model.basis import AngularBasis, EdgeGeometry, degree_slice
+from se3tcli.model.basis import AngularBasis, EdgeGeometry, degree_slice, polynomial_envelope
 from se3tcli.model.config import ModelConfig
-from se3tcli.model.convolution import EdgeConvolution
+from se3tcli.model.convolution import EdgeConvolution, edge_blocks
 from se3tcli.model.linear import DegreeLinear
 
 
@@ -38,6 +41,15 @@ def segment_softmax(
     return shifted / total[segment].clamp_min(torch.finfo(logits.dtype).tiny)
 
 
+def neighbourhood_gate(envelope: torch.Tensor, dst: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """``[n_nodes]`` factor in [0, 1] for the aggregated messages: ``1 - envelope(W_i)`` of the total edge
+    weight ``W_i = Σ_j envelope(r_ij)``. It is exactly 1 for ``W_i >= 1``, goes smoothly (like ``W_i^6``)
+    to 0 with ``W_i`` and is 0 for nodes without edges, so messages vanish continuously as a receiver's
+    last neighbour leaves the cutoff."""
+    total = envelope.new_zeros(n_nodes).index_add_(0, dst, envelope)
+    return 1 - polynomial_envelope(total)
+
+
 class AttentiveSelfInteraction(nn.Module):
     """``out^l_c' = Σ_c w^l_{c'c} f^l_c`` with weights from an MLP over the invariant inner products
     ``<f^l_c', f^l_c>`` of every channel pair (all degrees together)."""
@@ -45,7 +57,11 @@ class AttentiveSelfInteraction(nn.Module):
     def __init__(self, channels: int, lmax: int, hidden: int = 16):
         super().__init__()
         self.lmax = lmax
-        self.mlp = nn.Sequential(nn.Linear(lmax + 1, hidden), nn.SiLU(), nn.Linear(hidden, lmax + 1))
+        # No bias in the last layer: a constant weight for all channel pairs adds the same value to every
+        # scalar channel, which the next LayerNorm removes (and in the first layer it would be dead).
+        self.mlp = nn.Sequential(
+            nn.Linear(lmax + 1, hidden), nn.SiLU(), nn.Linear(hidden, lmax + 1, bias=False)
+        )
         self.scale = 1 / math.sqrt(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
@@ -73,23 +89,52 @@ class EquivariantAttention(nn.Module):
 
     def attention_weights(self, x: torch.Tensor, geometry: EdgeGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         """``α [E, H]`` and the values ``v [E, C, D]``."""
-        conv = self.key_value.reference if self.use_reference else self.key_value
-        key_value = conv(x.index_select(0, geometry.src), geometry)  # [E, 2, C, D]
-        keys, values = key_value[:, 0], key_value[:, 1]
-        queries = self.query(x).index_select(0, geometry.dst)  # [E, C, D]
-        n_edges, c, dim = keys.shape
-        head_size = (c // self.n_heads) * dim
-        logits = (queries * keys).reshape(n_edges, self.n_heads, head_size).sum(-1) / math.sqrt(head_size)
-        alpha = segment_softmax(logits, geometry.dst, x.shape[0], weight=geometry.envelope)
-        return alpha, values
+        alpha, values = self._attend(x, geometry)
+        return alpha, torch.cat(values).transpose(1, 2)
+
+    def _attend(self, x: torch.Tensor, geometry: EdgeGeometry) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``x [n, C, D]`` -> ``α [E, H]`` and the channels-last values ``[B, D, C]`` of each block of edges.
+
+        One block, except in CPU inference, which convolves :func:`edge_blocks` one after the other (training
+        does so inside the convolution, whose full outputs autograd needs).
+        """
+        x_last = x.transpose(1, 2).contiguous()  # [n, D, C]
+        queries = self.query(x).transpose(1, 2).contiguous()  # [n, D, C]
+        n_edges, dim, c = geometry.src.shape[0], x_last.shape[1], x_last.shape[2]
+        head_channels = c // self.n_heads
+        layer = None if self.use_reference else self.key_value.term_layer()
+        blocked = layer is not None and not torch.is_grad_enabled()  # CPU inference (training: inside conv)
+        edges_per_block = edge_blocks(n_edges, layer[0].shape[0], x.device) if blocked else [slice(None)]
+        logits, values = [], []
+        for edges in edges_per_block:
+            part = geometry[edges]
+            x_src = x_last.index_select(0, part.src)  # [B, D, C]
+            if layer is None:
+                key_value = self.key_value.reference(x_src.transpose(1, 2), part).permute(0, 3, 1, 2)
+            else:
+                key_value = self.key_value.channels_last(x_src, part, layer)  # [B, D, 2, C]
+            keys, block_values = key_value.unbind(2)  # [B, D, C] each
+            dots = (queries.index_select(0, part.dst) * keys).sum(1)  # [B, C]: q·k per channel
+            logits.append(dots.view(-1, self.n_heads, head_channels).sum(2))  # [B, H]
+            values.append(block_values)
+        logits = torch.cat(logits) / math.sqrt(head_channels * dim)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # autocast: softmax in float32
+        return segment_softmax(logits, geometry.dst, x.shape[0], weight=geometry.envelope), values
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
-        alpha, values = self.attention_weights(x, geometry)
-        n_edges, c, dim = values.shape
-        messages = values.reshape(n_edges, self.n_heads, c // self.n_heads, dim) * alpha[:, :, None, None]
-        aggregated = x.new_zeros(x.shape[0], c, dim).index_add_(
-            0, geometry.dst, messages.reshape(n_edges, c, dim)
-        )
+        alpha, values = self._attend(x, geometry)
+        n_nodes, c, dim = x.shape
+        alpha = alpha.repeat_interleave(c // self.n_heads, dim=1)  # [E, C]: each channel's head weight
+        aggregated = x.new_zeros(n_nodes, dim, c, dtype=torch.promote_types(values[0].dtype, alpha.dtype))
+        first = 0
+        for block in values:
+            edges = slice(first, first + block.shape[0])
+            first = edges.stop
+            messages = block * alpha[edges, None]  # [B, D, C] contiguous: index_add_ is slow on strided input
+            aggregated.index_add_(0, geometry.dst[edges], messages)
+        aggregated = aggregated.transpose(1, 2)  # [n, C, D]
+        gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
+        aggregated = aggregated * gate[:, None, None]
         if self.value_mix is not None:
             aggregated = self.value_mix(aggregated)
         return self.self_interaction(x) + aggregated

@@ -6,12 +6,14 @@ Feature layout everywhere in the model: ``[n, channels, (lmax + 1)**2]``; degree
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 from e3nn import o3
 from torch import nn
+from torch.nn import functional as F
 
 
 def degree_slice(l: int) -> slice:  # noqa: E741 - l is the standard name of a degree
@@ -42,17 +44,43 @@ def kernel_paths(lmax_in: int, lmax_out: int, jmax: int) -> list[Path]:
     ]
 
 
-@dataclass(frozen=True)
-class OutputGroup:
-    """The paths (and their columns in the angular basis) that end in output degree ``l_out``."""
+def frame_terms(paths: list[Path], jmax: int) -> tuple[list[tuple[tuple[int, int, int], int]], torch.Tensor]:
+    """The terms ``((l_in, l_out, |m|), m)`` of the edge-frame kernels and the map ``[P, T]`` from path
+    weights to term coefficients, ``K_p[m, m] = Σ_mJ C^{l_in J l_out}[m, mJ, m] Y_J,mJ(ŷ)``.
 
-    l_out: int
-    paths: slice
-    columns: slice
+    Coefficients with ``|m| = 0`` come first, then those with ``|m| > 0`` (terms ``+|m|``), then the terms
+    ``-|m|`` of the latter in the same order. Coefficients no path reaches (small ``jmax``) are left out.
+    """
+    y_axis = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    sh_axis = o3.spherical_harmonics(list(range(jmax + 1)), y_axis, False, normalization="component")[0]
+    kernels = []  # K_p [2 l_in + 1, 2 l_out + 1]
+    for path in paths:
+        cg = o3.wigner_3j(path.l_in, path.j, path.l_out, dtype=torch.float64)
+        kernel = torch.einsum("ajb,j->ab", cg, sh_axis[degree_slice(path.j)])
+        m_in = torch.arange(-path.l_in, path.l_in + 1)[:, None]
+        m_out = torch.arange(-path.l_out, path.l_out + 1)[None, :]
+        assert torch.all(kernel[m_in != m_out].abs() < 1e-12), "frame kernel not diagonal in m"
+        kernels.append(kernel)
 
-    @property
-    def n_paths(self) -> int:
-        return self.paths.stop - self.paths.start
+    def value(p: int, m: int) -> float:  # K_p[m, m]
+        path = paths[p]
+        inside = abs(m) <= min(path.l_in, path.l_out)
+        return float(kernels[p][path.l_in + m, path.l_out + m]) if inside else 0.0
+
+    def reached(li: int, lo: int, m: int) -> bool:
+        return any(abs(value(p, m)) > 1e-12 for p, q in enumerate(paths) if (q.l_in, q.l_out) == (li, lo))
+
+    pairs = sorted({(p.l_in, p.l_out) for p in paths})
+    candidates = [(li, lo, m) for li, lo in pairs for m in range(min(li, lo) + 1)]
+    coefficients = [s for s in sorted(candidates, key=lambda s: (s[2] > 0, s)) if reached(*s)]
+    terms = [(s, s[2]) for s in coefficients] + [(s, -s[2]) for s in coefficients if s[2] > 0]
+    weights = torch.zeros(len(paths), len(terms), dtype=torch.float64)
+    for t, ((li, lo, _), m) in enumerate(terms):
+        for p, path in enumerate(paths):
+            if (path.l_in, path.l_out) == (li, lo):
+                assert abs(value(p, m) - value(p, -m)) < 1e-12, "frame kernel differs between +m and -m"
+                weights[p, t] = value(p, m)
+    return terms, weights
 
 
 def feature_irreps(channels: int, lmax: int) -> o3.Irreps:
@@ -73,6 +101,18 @@ def from_e3nn(x: torch.Tensor, channels: int, lmax: int) -> torch.Tensor:
     return torch.cat(blocks, dim=2)
 
 
+def polynomial_envelope(x: torch.Tensor) -> torch.Tensor:
+    """``1 - 28 x^6 + 48 x^7 - 21 x^8`` (p = 6) on [0, 1], 0 from 1 on: 1 at 0, and it and its first two
+    derivatives vanish at 1.
+
+    Evaluated in the factored form ``(1 - x)^3 (1 + 3x + 6x^2 + 10x^3 + 15x^4 + 21x^5)``: the expanded
+    polynomial cancels catastrophically near x = 1 and went negative there (down to -6e-6 in float32),
+    which broke the envelope-weighted attention (negative or zero weights, NaN predictions).
+    """
+    x = x.clamp(0.0, 1.0)
+    return (1 - x) ** 3 * (1 + x * (3 + x * (6 + x * (10 + x * (15 + 21 * x)))))
+
+
 class BesselBasis(nn.Module):
     """``sqrt(2/c) sin(n π r / c) / r`` for n = 1..N, times a smooth polynomial envelope (p = 6).
 
@@ -86,9 +126,7 @@ class BesselBasis(nn.Module):
         self.register_buffer("frequencies", torch.arange(1, n_radial + 1) * math.pi / cutoff)
 
     def envelope(self, r: torch.Tensor) -> torch.Tensor:  # [E] -> [E], 1 at r=0, 0 from the cutoff on
-        x = (r / self.cutoff).clamp(max=1.0)
-        p = 6
-        return 1 - (p + 1) * (p + 2) / 2 * x**p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
+        return polynomial_envelope(r / self.cutoff)
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:  # [E] Å -> [E, N]
         r = r.clamp_min(1e-9)[:, None]
@@ -96,11 +134,22 @@ class BesselBasis(nn.Module):
 
 
 class AngularBasis(nn.Module):
-    """Per-edge coupling matrices ``B[e, m_in, col] = Σ_mJ C^{l_in J l_out}[m_in, mJ, m_out] Y_J,mJ(x̂_e)``.
+    """The angular part of every kernel path, applied through per-edge rotations (the eSCN factorisation).
 
-    Columns are the concatenated outputs of all paths (``sum(2 l_out + 1)``). A kernel applied to an input
-    feature ``f [C, (lmax+1)**2]`` is then one batched product ``f @ B`` followed by path weights.
-    Built with one matrix product from the spherical harmonics and a constant Clebsch-Gordan tensor.
+    A path ``(l_in, J, l_out)`` maps ``f^{l_in}`` to ``Σ C^{l_in J l_out}[m_in, mJ, m_out] f_m_in Y_J,mJ(x̂)``.
+    With ``R`` a rotation taking the edge direction x̂ to ŷ (the polar axis of e3nn's harmonics) and ``D^l``
+    its Wigner matrices, ``Y_J(x̂) = D^Jᵀ Y_J(ŷ)`` and ``Y_J(ŷ)`` is non-zero at ``mJ = 0`` only, so
+
+        ``Σ_J φ_J W_J(x̂) f = D^{l_out}ᵀ K D^{l_in} f``,
+        ``K[m, m] = Σ_J φ_J C^{l_in J l_out}[m, 0, m] Y_J,0(ŷ)``
+
+    exactly: in the edge frame every kernel is diagonal in m, with one value per ``|m|``. Each degree pair
+    thus has ``min(l_in, l_out) + 1`` *frame coefficients* ``s = (l_in, l_out, |m|)``, fixed linear maps of
+    the path weights, acting on ``2 min(l_in, l_out) + 1`` *terms* ``t = (s, ±|m|)``. The S coefficients are
+    ordered ``|m| = 0`` first (``n_axial`` of them); term t < S is ``(s=t, +|m|)`` and term ``S + i`` is
+    ``(s=n_axial + i, -|m|)``. A kernel applied to features ``f [D, C]`` of one edge is then
+    ``rotate_out @ (a ⊙ (rotate_in @ f))`` with ``a [T]`` the term coefficients (``path weights @
+    term_weights``): O(T) work per channel instead of O(D · Σ(2 l_out + 1)).
     """
 
     def __init__(self, lmax: int, jmax: int):
@@ -109,6 +158,8 @@ class AngularBasis(nn.Module):
         self.jmax = jmax
         self.paths = kernel_paths(lmax, lmax, jmax)
         dim = (lmax + 1) ** 2
+        # The dense coupling tensor of the first implementation: no longer used, but registered so that the
+        # state dict (and every checkpoint written with it) keeps its keys.
         n_cols = sum(2 * p.l_out + 1 for p in self.paths)
         coupling = torch.zeros((jmax + 1) ** 2, dim, n_cols, dtype=torch.float64)
         col = 0
@@ -117,27 +168,70 @@ class AngularBasis(nn.Module):
             width = 2 * path.l_out + 1
             coupling[degree_slice(path.j), degree_slice(path.l_in), col : col + width] = cg.permute(1, 0, 2)
             col += width
-        self.n_cols = n_cols
         self.register_buffer("coupling", coupling.reshape((jmax + 1) ** 2, dim * n_cols))
-        # Paths are sorted by l_out, so each output degree owns a contiguous run of paths and columns.
-        self.groups: list[OutputGroup] = []
-        first_path, first_col = 0, 0
-        for l_out in range(lmax + 1):
-            count = sum(1 for p in self.paths if p.l_out == l_out)
-            width = count * (2 * l_out + 1)
-            self.groups.append(
-                OutputGroup(l_out, slice(first_path, first_path + count), slice(first_col, first_col + width))
-            )
-            first_path, first_col = first_path + count, first_col + width
+
+        # [P, T]: path weights @ term_weights = term coefficients (the |m| symmetry repeats columns).
+        terms, term_weights = frame_terms(self.paths, jmax)
+        self.n_terms = len(terms)
+        self.n_coefficients = len({s for s, _ in terms})
+        self.n_axial = sum(1 for (_, _, m_abs), _ in terms if m_abs == 0)
+        self.register_buffer("term_weights", term_weights, persistent=False)
+        # Row of the block-diagonal Wigner matrix that each term reads (input) and writes (output).
+        row_in = [li * li + li + m for (li, _, _), m in terms]
+        row_out = [lo * lo + lo + m for (_, lo, _), m in terms]
+        self.register_buffer("term_rows_in", torch.tensor(row_in), persistent=False)  # [T]
+        self.register_buffer("term_rows_out", torch.tensor(row_out), persistent=False)  # [T]
+        # D^l = Uᵀ (D^{l-1} ⊗ D^1) U with U = sqrt(2l+1) C^{l-1,1,l} (orthonormal columns).
+        for l in range(2, lmax + 1):
+            up = o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(3 * (2 * l - 1), 2 * l + 1)
+            self.register_buffer(f"wigner_step{l}", up * math.sqrt(2 * l + 1), persistent=False)
 
     def spherical_harmonics(self, unit: torch.Tensor) -> torch.Tensor:  # [E, 3] -> [E, (jmax+1)**2]
         return o3.spherical_harmonics(
             list(range(self.jmax + 1)), unit, normalize=False, normalization="component"
         )
 
-    def forward(self, sh: torch.Tensor) -> torch.Tensor:  # [E, (jmax+1)**2] -> [E, dim, n_cols]
+    def wigner(self, rotation: torch.Tensor) -> torch.Tensor:
+        """Rotations ``[E, 3, 3]`` -> block-diagonal Wigner matrices ``[E, D, D]`` (degrees 0..lmax)."""
+        n = rotation.shape[0]
+        blocks = [rotation.new_ones(n, 1, 1), rotation][: self.lmax + 1]  # D^1 = R in e3nn's (x, y, z) order
+        for l in range(2, self.lmax + 1):
+            up = getattr(self, f"wigner_step{l}").to(rotation.dtype)
+            kron = blocks[-1][:, :, None, :, None] * rotation[:, None, :, None, :]  # [E, a, b, a', b']
+            blocks.append(up.t() @ kron.reshape(n, up.shape[0], up.shape[0]) @ up)
         dim = (self.lmax + 1) ** 2
-        return (sh @ self.coupling.to(sh.dtype)).reshape(sh.shape[0], dim, self.n_cols)
+        wigner = rotation.new_zeros(n, dim, dim)
+        for l, block in enumerate(blocks):
+            wigner[:, degree_slice(l), degree_slice(l)] = block
+        return wigner
+
+    def forward(self, sh: torch.Tensor) -> EdgeFrames:  # [E, (jmax+1)**2] -> rotations into the edge frames
+        with torch.autocast(sh.device.type, enabled=False):  # geometry stays in the model's dtype
+            n = sh.shape[0]
+            if self.jmax == 0:  # only J = 0 paths: every frame is as good as the lab frame
+                rotation = torch.eye(3, dtype=sh.dtype, device=sh.device).expand(n, 3, 3)
+            else:
+                axis = F.normalize(sh[:, 1:4], dim=1)  # x̂ (Y_1 = sqrt(3) x̂); 0 for coincident atoms
+                e_z, e_x = sh.new_tensor([0.0, 0.0, 1.0]), sh.new_tensor([1.0, 0.0, 0.0])
+                helper = torch.where(axis[:, 2:3].abs() < 0.9, e_z, e_x)  # any vector not along x̂
+                first = F.normalize(torch.cross(helper, axis, dim=1), dim=1)
+                rotation = torch.stack([first, axis, torch.cross(first, axis, dim=1)], dim=1)  # R x̂ = ŷ
+            wigner = self.wigner(rotation)  # [E, D, D]
+            return EdgeFrames(
+                rotate_in=wigner.index_select(1, self.term_rows_in),
+                rotate_out=wigner.index_select(1, self.term_rows_out).transpose(1, 2).contiguous(),
+            )
+
+
+@dataclass
+class EdgeFrames:
+    """Per-edge rotations into the frame where the edge points along ŷ, restricted to the kernel terms."""
+
+    rotate_in: torch.Tensor  # [E, T, D]: row t = the row of D(R_e) that term t reads
+    rotate_out: torch.Tensor  # [E, D, T]: column t = the row of D(R_e) that term t writes, transposed
+
+    def __getitem__(self, edges: slice) -> EdgeFrames:
+        return EdgeFrames(self.rotate_in[edges], self.rotate_out[edges])
 
 
 @dataclass
@@ -150,4 +244,10 @@ class EdgeGeometry:
     envelope: torch.Tensor  # [E] in [0, 1], smooth cutoff
     radial: torch.Tensor  # [E, radial_hidden] output of the shared radial network (envelope applied)
     sh: torch.Tensor  # [E, (jmax+1)**2] spherical harmonics of x̂ = (x_j - x_i)/|x_j - x_i|
-    coupling: torch.Tensor  # [E, dim, n_cols] angular basis B
+    frames: EdgeFrames  # the edge frames of the angular basis
+
+    def __getitem__(self, edges: slice) -> EdgeGeometry:
+        """The geometry of a contiguous block of edges."""
+        return EdgeGeometry(
+            *(getattr(self, f.name)[edges] for f in dataclasses.fields(self)),  # type: ignore[arg-type]
+        )

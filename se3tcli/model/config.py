@@ -17,7 +17,7 @@ QM9_ELEMENTS = (1, 6, 7, 8, 9)  # H C N O F
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Hyper-parameters of the SE(3)-Transformer; ``Model.from_config`` rebuilds the network from it."""
+    """Hyper-parameters of the SE(3)-Transformer; ``SE3Transformer.from_config`` rebuilds the network."""
 
     targets: tuple[str, ...] = QM9_TARGETS
     elements: tuple[int, ...] = QM9_ELEMENTS  # atomic numbers the model accepts
@@ -45,13 +45,25 @@ class ModelConfig:
             problems.append(f"self_interaction must be one of {SELF_INTERACTIONS}")
         if self.nonlinearity not in NONLINEARITIES:
             problems.append(f"nonlinearity must be one of {NONLINEARITIES}")
-        if self.channels % self.n_heads:
+        sizes = ("channels", "n_heads", "n_layers", "n_radial", "radial_hidden", "readout_hidden")
+        too_small = [name for name in sizes if getattr(self, name) < 1]
+        if too_small:
+            problems.append(f"{', '.join(too_small)} must be >= 1")
+        elif self.channels % self.n_heads:  # n_heads >= 1 here (0 used to raise ZeroDivisionError)
             problems.append("channels must be divisible by n_heads")
-        if self.lmax < 0 or self.n_layers < 1 or self.cutoff <= 0:
-            problems.append("lmax >= 0, n_layers >= 1 and cutoff > 0 are required")
+        if self.lmax < 0 or (self.jmax is not None and self.jmax < 0):
+            problems.append("lmax >= 0 and jmax >= 0 (or None) are required")
+        if not self.cutoff > 0:  # also rejects NaN
+            problems.append("cutoff > 0 is required")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown:
             problems.append(f"unknown targets {unknown}")
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            problems.append("targets must be non-empty and distinct")
+        if not self.elements or len(set(self.elements)) != len(self.elements):
+            problems.append("elements must be non-empty and distinct")
+        elif not all(1 <= z <= 118 for z in self.elements):
+            problems.append("elements must be atomic numbers 1..118")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 

@@ -42,7 +42,7 @@ class Readout(nn.Module):
         self.register_buffer("std", torch.ones(n))  # per atom for extensive targets
         self.register_buffer("atom_refs", torch.zeros(len(config.elements), n))  # per element
         if self.use_dipole:
-            self.charge = nn.Linear(c, 1)
+            self.charge = nn.Linear(c, 1, bias=False)  # a bias would cancel in the neutrality shift
             self.atomic_dipole = nn.Linear(c, 1, bias=False)  # mixes the l=1 channels (no bias: equivariant)
 
     def forward(self, h: torch.Tensor, element: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:

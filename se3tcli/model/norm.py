@@ -1,4 +1,8 @@
-"""Equivariant nonlinearities: norm-based (with layer norm on the norms) or gated."""
+"""Equivariant nonlinearities: norm-based (with layer norm on the norms) or gated.
+
+Both act on degrees ``0..lmax`` and pass any higher degree through unchanged; the first layer, whose input
+holds only scalars, uses ``lmax = 0`` (its higher degrees are zero, and would stay zero either way).
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class NormActivation(nn.Module):
             v = x[:, :, degree_slice(l)]  # [n, C, 2l+1]
             length = torch.sqrt(v.pow(2).sum(-1) + _NORM_EPS)  # [n, C], invariant
             blocks.append(v * (F.silu(self.norms[l](length)) / length).unsqueeze(2))
+        blocks.append(x[:, :, (self.lmax + 1) ** 2 :])
         return torch.cat(blocks, dim=2)
 
 
@@ -47,6 +52,7 @@ class GateActivation(nn.Module):
             gates = torch.sigmoid(self.gates(scalars)).reshape(x.shape[0], self.lmax, -1)  # [n, lmax, C]
             for l in range(1, self.lmax + 1):
                 blocks.append(x[:, :, degree_slice(l)] * gates[:, l - 1].unsqueeze(2))
+        blocks.append(x[:, :, (self.lmax + 1) ** 2 :])
         return torch.cat(blocks, dim=2)
 
 

@@ -23,9 +23,10 @@ class UnsupportedElementError(ValueError):
 class TransformerLayer(nn.Module):
     """``h <- h + Attention(Activation(h))``."""
 
-    def __init__(self, config: ModelConfig, angular: AngularBasis):
+    def __init__(self, config: ModelConfig, angular: AngularBasis, first: bool = False):
         super().__init__()
-        self.activation = make_activation(config.nonlinearity, config.channels, config.lmax)
+        # The first layer sees only the element embedding (scalars): its activation needs degree 0 alone.
+        self.activation = make_activation(config.nonlinearity, config.channels, 0 if first else config.lmax)
         self.attention = EquivariantAttention(config, angular)
 
     def forward(self, h: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
@@ -39,7 +40,6 @@ class SE3Transformer(nn.Module):
         super().__init__()
         self.config = config
         c = config.channels
-        self.irreps_out = None  # per-molecule scalars (and mu_vector as 1o); see tests
         element_index = torch.full((_N_ELEMENTS,), -1, dtype=torch.long)
         element_index[list(config.elements)] = torch.arange(len(config.elements))
         self.register_buffer("element_index", element_index)
@@ -53,7 +53,9 @@ class SE3Transformer(nn.Module):
             nn.SiLU(),
         )
         self.angular = AngularBasis(config.lmax, config.kernel_jmax)
-        self.layers = nn.ModuleList(TransformerLayer(config, self.angular) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerLayer(config, self.angular, first=i == 0) for i in range(config.n_layers)
+        )
         self.final_activation = make_activation(config.nonlinearity, c, config.lmax)
         self.readout = Readout(config)
 

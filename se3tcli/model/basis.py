@@ -150,6 +150,10 @@ class AngularBasis(nn.Module):
     ``(s=n_axial + i, -|m|)``. A kernel applied to features ``f [D, C]`` of one edge is then
     ``rotate_out @ (a ⊙ (rotate_in @ f))`` with ``a [T]`` the term coefficients (``path weights @
     term_weights``): O(T) work per channel instead of O(D · Σ(2 l_out + 1)).
+
+    A zero-length edge (coincident atoms, which the readers reject) has no direction: its rotation is zero,
+    so only its scalar-to-scalar term survives, where e3nn's kernel (``Y_J(0) = 0`` for J > 0) would also keep
+    the ``J = 0`` paths of higher degrees.
     """
 
     def __init__(self, lmax: int, jmax: int):
@@ -157,19 +161,6 @@ class AngularBasis(nn.Module):
         self.lmax = lmax
         self.jmax = jmax
         self.paths = kernel_paths(lmax, lmax, jmax)
-        dim = (lmax + 1) ** 2
-        # The dense coupling tensor of the first implementation: no longer used, but registered so that the
-        # state dict (and every checkpoint written with it) keeps its keys.
-        n_cols = sum(2 * p.l_out + 1 for p in self.paths)
-        coupling = torch.zeros((jmax + 1) ** 2, dim, n_cols, dtype=torch.float64)
-        col = 0
-        for path in self.paths:
-            cg = o3.wigner_3j(path.l_in, path.j, path.l_out, dtype=torch.float64)  # [m_in, mJ, m_out]
-            width = 2 * path.l_out + 1
-            coupling[degree_slice(path.j), degree_slice(path.l_in), col : col + width] = cg.permute(1, 0, 2)
-            col += width
-        self.register_buffer("coupling", coupling.reshape((jmax + 1) ** 2, dim * n_cols))
-
         # [P, T]: path weights @ term_weights = term coefficients (the |m| symmetry repeats columns).
         terms, term_weights = frame_terms(self.paths, jmax)
         self.n_terms = len(terms)

@@ -28,38 +28,18 @@ from torch.autograd.function import once_differentiable
 
 from se3tcli.model.basis import AngularBasis, EdgeGeometry, feature_irreps, from_e3nn, to_e3nn
 
-# On CPU, per-edge intermediates are computed in blocks of edges whose largest temporary holds about this
-# many numbers (~2 MB in float32): it stays in a core's cache, and on pages the allocator reuses (a large
-# tensor is mapped, and page-faulted in, anew at every allocation). A/B runs: 0.25-1 M alike, 2.5 M ~20 %
-# slower.
-CPU_BLOCK_ELEMENTS = 500_000
-_MIN_EDGE_BLOCK = 64
-
-
-def edge_blocks(n_edges: int, per_edge: int, device: torch.device) -> list[slice]:
-    """Contiguous blocks of edges: ~CPU_BLOCK_ELEMENTS / per_edge edges each on CPU, one block elsewhere."""
-    size = max(n_edges, 1)
-    if device.type == "cpu":
-        size = max(_MIN_EDGE_BLOCK, CPU_BLOCK_ELEMENTS // per_edge)
-    return [slice(first, first + size) for first in range(0, max(n_edges, 1), size)]
-
 
 class _DepthwiseFrameProduct(torch.autograd.Function):
     """``rotate_out @ (coefficients ⊙ x_frame)``: ``[E, T, K, C]``, ``[E, T, C]``, ``[E, D, T]`` ->
-    ``[E, D, K, C]``. Block by block (:func:`edge_blocks`), and with a backward that reuses its buffers,
-    where autograd would materialise the ``[E, T, K, C]`` products (the largest tensors of a training step)
-    and two more of them in backward."""
+    ``[E, D, K, C]``. The backward reuses its buffers where autograd's would materialise two more
+    ``[E, T, K, C]`` products and a broadcast reduction (the largest tensors of a training step)."""
 
     @staticmethod
     def forward(ctx, coefficients: torch.Tensor, x_frame: torch.Tensor, rotate_out: torch.Tensor):
         ctx.save_for_backward(coefficients, x_frame, rotate_out)
         n_edges, n_terms, k, c = coefficients.shape
-        rotate_out = rotate_out.to(coefficients.dtype)
-        out = coefficients.new_empty(n_edges, rotate_out.shape[1], k * c)
-        for edges in edge_blocks(n_edges, n_terms * k * c, coefficients.device):
-            terms = coefficients[edges] * x_frame[edges, :, None]  # [B, T, K, C]
-            torch.bmm(rotate_out[edges], terms.view(-1, n_terms, k * c), out=out[edges])
-        return out.view(n_edges, -1, k, c)
+        terms = (coefficients * x_frame[:, :, None]).view(n_edges, n_terms, k * c)
+        return torch.bmm(rotate_out, terms).view(n_edges, rotate_out.shape[1], k, c)
 
     @staticmethod
     @once_differentiable
@@ -68,20 +48,16 @@ class _DepthwiseFrameProduct(torch.autograd.Function):
         n_edges, n_terms, k, c = coefficients.shape
         grad_out = grad_out.reshape(n_edges, -1, k * c)  # [E, D, K*C]
         rotate_back = rotate_out.transpose(1, 2).to(grad_out.dtype)  # [E, T, D]; autocast is off in backward
-        needs = ctx.needs_input_grad
-        grad_coefficients = torch.empty_like(coefficients) if needs[0] else None
-        grad_x = torch.zeros_like(x_frame) if needs[1] else None  # [E, T, C]
-        grad_rotate = torch.empty_like(rotate_out) if needs[2] else None
-        for edges in edge_blocks(n_edges, n_terms * k * c, coefficients.device):
-            grad_terms = torch.bmm(rotate_back[edges], grad_out[edges]).view(-1, n_terms, k, c)
-            if grad_x is not None:
-                for kernel in range(k):
-                    grad_x[edges].addcmul_(grad_terms[:, :, kernel], coefficients[edges, :, kernel])
-            if grad_rotate is not None:
-                terms = (coefficients[edges] * x_frame[edges, :, None]).view(-1, n_terms, k * c)
-                grad_rotate[edges] = torch.bmm(grad_out[edges], terms.transpose(1, 2))
-            if grad_coefficients is not None:
-                torch.mul(grad_terms, x_frame[edges, :, None], out=grad_coefficients[edges])
+        grad_terms = torch.bmm(rotate_back, grad_out).view(n_edges, n_terms, k, c)
+        grad_x = grad_rotate = None
+        if ctx.needs_input_grad[1]:
+            grad_x = torch.zeros_like(x_frame)  # [E, T, C]
+            for kernel in range(k):
+                grad_x.addcmul_(grad_terms[:, :, kernel], coefficients[:, :, kernel])
+        if ctx.needs_input_grad[2]:
+            terms = (coefficients * x_frame[:, :, None]).view(n_edges, n_terms, k * c)
+            grad_rotate = torch.bmm(grad_out, terms.transpose(1, 2))
+        grad_coefficients = grad_terms.mul_(x_frame[:, :, None]) if ctx.needs_input_grad[0] else None
         return grad_coefficients, grad_x, grad_rotate
 
 

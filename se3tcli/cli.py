@@ -211,7 +211,10 @@ def train(
         int | None, typer.Option(min=1, help="Epochs (default 100; with --resume, the run's own).")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW).")] = 5e-4,
+    warmup_epochs: Annotated[
+        float, typer.Option(min=0.0, help="Linear warm-up before the cosine decay.")
+    ] = 1.0,
     cutoff: Annotated[float, typer.Option(min=0.1, help="Neighbour cutoff in Å.")] = 5.0,
     device: DeviceOption = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
@@ -224,6 +227,9 @@ def train(
         float | None, typer.Option(min=0.0, help="Stop (resumably) after MIN minutes.")
     ] = None,
     cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this checkpoint's weights (same model settings).")
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt and test metrics."""
@@ -251,6 +257,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        warmup_epochs=warmup_epochs,
         cutoff=cutoff,
         device=device,
         amp=amp,
@@ -262,6 +269,7 @@ def train(
         time_limit=time_limit,
         cache=str(cache) if cache else None,
         command=shlex.join(["se3t", *sys.argv[1:]]),
+        init_from=str(init_from) if init_from else None,
     )
     _device(device)
     reporter = RichTrainingReporter(err_console)

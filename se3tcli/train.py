@@ -57,6 +57,7 @@ class TrainOptions:
     patience: int | None = None  # epochs without validation improvement before stopping
     time_limit: float | None = None  # minutes of wall-clock time for this invocation
     cache: str | None = None
+    init_from: str | None = None  # start from this checkpoint's weights and statistics (fine-tuning)
     eval_batch_size: int = 256
     command: str = ""  # the command line that started the run, for the record
 
@@ -118,6 +119,18 @@ def _element_counts(data: QM9Data, elements: Sequence[int]) -> np.ndarray:
     from se3tcli.data.splits import element_counts
 
     return element_counts(data.numbers, data.offsets, elements)
+
+
+def _initial_model(path: str, config: ModelConfig) -> tuple[dict[str, Any], SE3Transformer]:
+    """Weights and statistics of a checkpoint whose model matches ``config`` (for ``--init-from``)."""
+    state = read_checkpoint(path)
+    model = model_from_checkpoint(state, path)
+    if model.config != config:
+        differing = sorted(k for k, v in config.to_dict().items() if model.config.to_dict()[k] != v)
+        raise ValueError(
+            f"{path}: --init-from model differs from the requested one in {', '.join(differing)}"
+        )
+    return state["normalization"] | {"atom_refs": state["atom_refs"]}, model
 
 
 def build_model(config: ModelConfig, statistics: dict[str, Any]) -> SE3Transformer:
@@ -263,6 +276,8 @@ class Trainer:
         if opts.resume:
             self.statistics = state["normalization"] | {"atom_refs": state["atom_refs"]}
             self.model = model_from_checkpoint(state, resume_path)
+        elif opts.init_from:
+            self.statistics, self.model = _initial_model(opts.init_from, config)
         else:
             train_idx = self.labelled.split["train"]
             self.statistics = fit_statistics(self.labelled.data, train_idx, config.elements)

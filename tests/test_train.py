@@ -403,3 +403,28 @@ def test_training_into_an_existing_run_needs_resume(tmp_path: Path, tiny_run: Pa
     line = _one_line_error(runner.invoke(app, ["train", "--out", str(run), *TINY_FLAGS, "--epochs", "1"]))
     assert "already holds a run" in line and "--resume" in line
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing was touched
+
+
+def test_init_from_starts_a_new_run_from_the_checkpoint_weights(tmp_path: Path, tiny_run: Path) -> None:
+    source = read_checkpoint(tiny_run / "best.pt")
+    saved = source["training"]["options"]
+    options = TrainOptions(
+        **{k: v for k, v in saved.items() if k not in ("out", "resume", "init_from", "command")},
+        out=str(tmp_path / "ft"),
+        init_from=str(tiny_run / "best.pt"),
+    )
+    options.targets = tuple(options.targets)
+    trainer = Trainer(options)
+    trainer.setup()
+    start = trainer.model.state_dict()
+    for key, value in source["state_dict"].items():
+        assert torch.equal(start[key], value), key  # training starts from exactly those weights
+    assert trainer.statistics["loss_scale"] == source["normalization"]["loss_scale"]
+    assert trainer.run()["status"] == "finished"
+
+    wider = {**options.model_overrides, "channels": 16}
+    mismatched = TrainOptions(
+        **{**options.__dict__, "out": str(tmp_path / "other"), "model_overrides": wider}
+    )
+    with pytest.raises(ValueError, match="differs from the requested one"):
+        Trainer(mismatched).setup()

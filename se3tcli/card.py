@@ -30,10 +30,6 @@ CARD_LIMITATIONS = (
 )
 
 
-def count_parameters(state_dict: dict[str, torch.Tensor], parameter_names: set[str]) -> int:
-    return int(sum(v.numel() for k, v in state_dict.items() if k in parameter_names))
-
-
 def build_card(
     name: str,
     checkpoint: dict[str, Any],

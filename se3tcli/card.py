@@ -119,5 +119,6 @@ def write_model(
     with os.fdopen(fd, "w") as handle:
         json.dump(card, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a model card is an ordinary file
     os.replace(tmp, card_path)
     return pt_path, card_path

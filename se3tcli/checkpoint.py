@@ -85,6 +85,7 @@ def save_checkpoint(data: dict[str, Any], path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(data, handle)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -80,7 +80,7 @@ def run_one(n: int, molecules, model: str | None, batch_size: int) -> dict:
         "wall_s": round(wall, 1),
         "mol_per_s": round(n / wall, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),  # ru_maxrss is in KiB on Linux
-        "command": " ".join(command[:2] + ["input.xyz"] + command[3:]),
+        "command": " ".join(["se3t", "predict", "input.xyz", "-o", "out.csv", *command[5:]]),
     }
 
 

@@ -230,7 +230,11 @@ _DDP_WORKER = textwrap.dedent(
     report["parts"] = digest(resumed.model)
     with open(f"{folder}/rank{rank}.json", "w") as handle:
         json.dump(report, handle)
+    dist.barrier()  # both ranks done (rank 0 also ran the test evaluation) before the group goes away
     dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's worker threads can abort the process there ("terminate called
+    # without an active exception"), which says nothing about training.
+    os._exit(0)
     """
 )
 

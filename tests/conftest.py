@@ -29,6 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_molecules"
 # A model small enough to train in a second: use it unless a test needs capacity.
 TINY = dict(channels=8, n_heads=2, lmax=1, n_layers=1, radial_hidden=8, readout_hidden=16, n_radial=8)
+ELEMENTS = (1, 6, 7, 8, 9)  # QM9's H C N O F
+
+
+def random_molecule(rng: np.random.Generator, n_atoms: int, min_dist: float = 0.9, elements=ELEMENTS):
+    """QM9-like: elements H C N O F, atoms at least ``min_dist`` Å apart in a ball that grows with size."""
+    radius = 0.9 * n_atoms ** (1 / 3) + 0.5
+    pos: list[np.ndarray] = []
+    while len(pos) < n_atoms:
+        p = rng.uniform(-radius, radius, 3)
+        if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= min_dist for q in pos):
+            pos.append(p)
+    return rng.choice(elements, n_atoms), np.array(pos).reshape(n_atoms, 3)
+
+
 HAVE_QM9 = importlib.util.find_spec("qm9pack") is not None or (default_cache_dir() / CACHE_FILE).exists()
 # SD tags of qm9_sample.sdf renamed to the registry target they hold (read_labelled_file matches names).
 SAMPLE_TAGS = {"homo_eV": "homo", "lumo_eV": "lumo", "gap_eV": "gap"}

@@ -7,11 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import random_molecule  # noqa: I001 - the tests folder's shared helpers
 
 from se3tcli import graph
 from se3tcli.graph import collate, radius_graph
-
-ELEMENTS = (1, 6, 7, 8, 9)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,17 +21,6 @@ def _one_thread():
     torch.set_num_threads(int(os.environ.get("SE3T_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
-
-
-def random_molecule(rng: np.random.Generator, n_atoms: int, min_dist: float = 0.9):
-    """QM9-like: elements H C N O F, atoms at least ``min_dist`` Å apart in a ball that grows with size."""
-    radius = 0.9 * n_atoms ** (1 / 3) + 0.5
-    pos: list[np.ndarray] = []
-    while len(pos) < n_atoms:
-        p = rng.uniform(-radius, radius, 3)
-        if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= min_dist for q in pos):
-            pos.append(p)
-    return rng.choice(ELEMENTS, n_atoms), np.array(pos).reshape(n_atoms, 3)
 
 
 def brute_force_edges(pos: np.ndarray, mol_index: np.ndarray, cutoff: float) -> set[tuple[int, int]]:

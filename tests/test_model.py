@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from conftest import ELEMENTS, random_molecule  # noqa: I001 - the tests folder's shared helpers
 from e3nn import o3
 from e3nn.util.test import assert_equivariant, equivariance_error
 
@@ -27,7 +28,6 @@ from se3tcli.model.norm import GateActivation, NormActivation
 from se3tcli.model.transformer import SE3Transformer, UnsupportedElementError
 from se3tcli.targets import QM9_TARGETS
 
-ELEMENTS = (1, 6, 7, 8, 9)
 TINY = ModelConfig(
     channels=8, n_heads=2, lmax=2, n_layers=2, n_radial=6, radial_hidden=8, readout_hidden=8, cutoff=3.5
 )
@@ -64,17 +64,6 @@ def float64() -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-def random_molecule(rng: np.random.Generator, n_atoms: int, min_dist: float = 0.9, elements=ELEMENTS):
-    """QM9-like: elements H C N O F, atoms at least ``min_dist`` Å apart in a ball that grows with size."""
-    radius = 0.9 * n_atoms ** (1 / 3) + 0.5
-    pos: list[np.ndarray] = []
-    while len(pos) < n_atoms:
-        p = rng.uniform(-radius, radius, 3)
-        if np.linalg.norm(p) <= radius and all(np.linalg.norm(p - q) >= min_dist for q in pos):
-            pos.append(p)
-    return rng.choice(elements, n_atoms), np.array(pos).reshape(n_atoms, 3)
 
 
 def molecules(seed: int, sizes=(9, 5, 12), elements=ELEMENTS) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -25,13 +25,12 @@ from se3tcli import __version__
 from se3tcli.checkpoint import checkpoint_dict, model_from_checkpoint, read_checkpoint, save_checkpoint
 from se3tcli.data.dataset import LabelledData, load_labelled
 from se3tcli.data.qm9 import QM9Data
-from se3tcli.data.splits import fit_atom_refs, save_split
+from se3tcli.data.splits import element_counts, fit_atom_refs, save_split
 from se3tcli.graph import collate
 from se3tcli.model.config import ModelConfig, preset
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.targets import ATOM_REF_TARGETS, TARGETS
 
-MU_VECTOR_KEY = "mu_vector"
 DEFAULT_EPOCHS = 100
 
 
@@ -95,6 +94,7 @@ def fit_statistics(data: QM9Data, train_idx: np.ndarray, elements: Sequence[int]
     """
     train = data.subset(train_idx)
     n_atoms = train.n_atoms().astype(np.float64)
+    counts = element_counts(train.numbers, train.offsets, elements)  # [n_train, n_elements]
     mean, std, scale, refs = {}, {}, {}, {}
     for column, target in enumerate(data.target_names):
         y = train.targets[:, column]
@@ -102,7 +102,6 @@ def fit_statistics(data: QM9Data, train_idx: np.ndarray, elements: Sequence[int]
             if target in ATOM_REF_TARGETS:
                 ref = fit_atom_refs(train.numbers, train.offsets, y, elements)
                 refs[target] = [float(v) for v in ref]
-                counts = _element_counts(train, elements)
                 y = y - counts @ ref
             per_atom = y / n_atoms
             mean[target] = float(per_atom.mean())
@@ -113,12 +112,6 @@ def fit_statistics(data: QM9Data, train_idx: np.ndarray, elements: Sequence[int]
             std[target] = float(y.std() or 1.0)
             scale[target] = std[target]
     return {"mean": mean, "std": std, "loss_scale": scale, "atom_refs": refs}
-
-
-def _element_counts(data: QM9Data, elements: Sequence[int]) -> np.ndarray:
-    from se3tcli.data.splits import element_counts
-
-    return element_counts(data.numbers, data.offsets, elements)
 
 
 def _initial_model(path: str, config: ModelConfig) -> tuple[dict[str, Any], SE3Transformer]:

@@ -7,6 +7,10 @@ once up front, then for each implementation (``fast``; ``reference``: every conv
 * ``train``: forward, L1 loss on all targets, backward and an AdamW step;
 * ``infer``: forward under ``torch.inference_mode``;
 
+With ``--cuda-graphs`` (CUDA) a third implementation, ``graphs``, runs the fast path as captured CUDA
+graphs (``se3tcli.cuda_graphs``) over the same batches padded to one static shape; its timings include the
+padding and the host-to-device copy of every batch, which the eager cases (batches already on the GPU) skip.
+
 after warm-up steps, as the median of interleaved repeats (``torch.cuda.synchronize`` around every timed
 block on GPU), and the peak memory of one step (CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of
 the resident set over the first step in a fresh process, from ``VmHWM`` after resetting it, else
@@ -15,6 +19,7 @@ the resident set over the first step in a fresh process, from ``VmHWM`` after re
     python benchmarks/bench.py --device cpu --preset small --json
     python benchmarks/bench.py --device cpu --preset small --lmax 1 --layers 3   # the bundled model's config
     python benchmarks/bench.py --device cuda --preset base --batch-size 128 --amp --json
+    python benchmarks/bench.py --device cuda --preset small --lmax 1 --layers 3 --batch-size 512 --cuda-graphs
 
 Needs torch, e3nn and numpy only (RDKit only for the sample-SDF fallback, which falls back to the sample XYZ).
 """
@@ -42,6 +47,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure the checkout this file belongs to, installed or not
 
+from se3tcli.batching import StaticShape  # noqa: E402
 from se3tcli.data.qm9 import QM9Unavailable, load_qm9  # noqa: E402
 from se3tcli.graph import Batch, collate  # noqa: E402
 from se3tcli.model.basis import AngularBasis  # noqa: E402
@@ -74,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default="train,infer", help="comma-separated subset of: train,infer")
     p.add_argument("--skip-reference", action="store_true", help="measure the fast path only")
     p.add_argument("--amp", action="store_true", help="CUDA: bf16 autocast (TF32 is always on)")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA: also time the fast path as CUDA graphs")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, help="QM9 cache directory (default: se3t's)")
     p.add_argument("--seed", type=int, default=0)
@@ -92,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--modes takes a comma-separated subset of {','.join(MODES)}")
     if on_cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    if args.amp and not on_cuda:
-        p.error("--amp is for --device cuda")
+    if (args.amp or args.cuda_graphs) and not on_cuda:
+        p.error("--amp and --cuda-graphs are for --device cuda")
     return args
 
 
@@ -252,14 +259,17 @@ def cpu_peak_mb(argv: list[str], impl: str, mode: str) -> float:
 class Runner:
     """One model, a few pre-collated batches and an optimizer; steps of every (impl, mode)."""
 
-    def __init__(self, config: ModelConfig, batches: list[Batch], device: torch.device, amp: bool):
+    def __init__(self, config: ModelConfig, cpu_batches: list[Batch], device: torch.device, amp: bool):
         self.model = SE3Transformer(config).to(device)
-        self.batches = batches
+        self.cpu_batches = cpu_batches  # the graphs pad and copy these themselves
+        self.batches = [b.to(device) for b in cpu_batches]
         self.device = device
+        self.amp = amp
+        self.graphed: dict[str, object] = {}  # mode -> GraphedTraining / GraphedInference, made on first use
         self.targets = config.targets
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
-        self.zeros = [torch.zeros(b.n_mol, len(self.targets), device=device) for b in batches]
+        self.zeros = [torch.zeros(b.n_mol, len(self.targets), device=device) for b in cpu_batches]
         self.count = 0
 
     def step(self, impl: str, mode: str) -> int:
@@ -268,6 +278,8 @@ class Runner:
         self.count += 1
         batch = self.batches[i]
         self.model.use_reference(impl == "reference")
+        if impl == "graphs":
+            return self._graphed_step(i, mode)
         if mode == "infer":
             with torch.inference_mode(), self.autocast:
                 self.model(batch)
@@ -277,6 +289,30 @@ class Runner:
             out = self.model(batch)
             loss = F.l1_loss(torch.stack([out[t] for t in self.targets], dim=1).float(), self.zeros[i])
         loss.backward()
+        self.optimizer.step()
+        return batch.n_mol
+
+    def _graphed_step(self, i: int, mode: str) -> int:
+        from se3tcli.cuda_graphs import GraphedInference, GraphedTraining
+
+        batch = self.cpu_batches[i]
+        if mode not in self.graphed:
+            shape = StaticShape(
+                n_atoms=max(b.z.numel() for b in self.cpu_batches) + 2,
+                n_edges=max(b.edge_src.numel() for b in self.cpu_batches) + 1,
+                n_mol=max(b.n_mol for b in self.cpu_batches) + 1,
+            )
+            if mode == "infer":
+                self.graphed[mode] = GraphedInference(self.model, shape, self.amp)
+            else:
+                self.graphed[mode] = GraphedTraining(self.model, shape, self.targets, self.amp)
+        if mode == "infer":
+            self.graphed[mode](batch)
+            return batch.n_mol
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        pred = self.graphed[mode].predict(batch)[: batch.n_mol]
+        F.l1_loss(pred.float(), self.zeros[i]).backward()
         self.optimizer.step()
         return batch.n_mol
 
@@ -318,12 +354,11 @@ def main(argv: list[str] | None = None) -> dict:
     name, config = model_config(args)
     molecules, source = load_geometries(args.batch_size * args.n_batches, args.seed, args.cache_dir)
     size = args.batch_size
-    batches = [
-        collate(molecules[i : i + size], config.cutoff).to(device) for i in range(0, len(molecules), size)
-    ]
+    batches = [collate(molecules[i : i + size], config.cutoff) for i in range(0, len(molecules), size)]
     n_mol = sum(b.n_mol for b in batches)
     runner = Runner(config, batches, device, args.amp)
     impls = IMPLS[:1] if args.skip_reference else IMPLS
+    impls += ("graphs",) if args.cuda_graphs else ()
     cases = [(impl, mode) for impl in impls for mode in args.modes]
 
     if args.memory_probe:
@@ -351,10 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     median = {case: statistics.median(values) for case, values in rates.items()}
 
-    def ratio(mode: str) -> float | None:
-        if ("reference", mode) not in median:
+    def ratio(mode: str, impl: str = "fast") -> float | None:
+        if ("reference", mode) not in median or (impl, mode) not in median:
             return None
-        return round(median["fast", mode] / median["reference", mode], 2)
+        return round(median[impl, mode] / median["reference", mode], 2)
 
     report = {
         "device": torch.cuda.get_device_name(device)
@@ -372,6 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
         ],
         "ratio_train": ratio("train"),
         "ratio_infer": ratio("infer"),
+        "ratio_train_graphs": ratio("train", "graphs"),
+        "ratio_infer_graphs": ratio("infer", "graphs"),
         "peak_mem": "cuda max_memory_allocated"
         if device.type == "cuda"
         else "resident-set growth over a first step (fresh process)",

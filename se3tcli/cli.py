@@ -230,6 +230,20 @@ def train(
     init_from: Annotated[
         Path | None, typer.Option(help="Start from this checkpoint's weights (same model settings).")
     ] = None,
+    max_atoms: Annotated[
+        int | None, typer.Option(min=1, help="Bound each batch by atoms too (--batch-size bounds molecules).")
+    ] = None,
+    max_edges: Annotated[
+        int | None, typer.Option(min=1, help="Bound each batch by directed edges too.")
+    ] = None,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graphs",
+            help="CUDA: replay one captured forward+backward over batches padded to one shape "
+            "(atom/edge budgets default to --batch-size average molecules).",
+        ),
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt and test metrics."""
@@ -270,6 +284,9 @@ def train(
         cache=str(cache) if cache else None,
         command=shlex.join(["se3t", *sys.argv[1:]]),
         init_from=str(init_from) if init_from else None,
+        max_atoms=max_atoms,
+        max_edges=max_edges,
+        cuda_graphs=cuda_graphs,
     )
     _device(device)
     reporter = RichTrainingReporter(err_console)

@@ -42,7 +42,10 @@ class Batch:
 
     @property
     def n_atoms_per_mol(self) -> torch.Tensor:  # [n_mol] int64
-        return torch.bincount(self.mol_index, minlength=self.n_mol)
+        # index_add_, not bincount: bincount's output size depends on the data (a device sync on CUDA,
+        # which CUDA-graph capture forbids)
+        counts = torch.zeros(self.n_mol, dtype=torch.long, device=self.mol_index.device)
+        return counts.index_add_(0, self.mol_index, torch.ones_like(self.mol_index))
 
 
 def radius_graph(

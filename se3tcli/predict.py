@@ -9,12 +9,9 @@ atoms; a GPU out-of-memory error halves the batch, says so, and retries.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from ase.data import chemical_symbols
@@ -23,12 +20,12 @@ from se3tcli.checkpoint import LoadedModel
 from se3tcli.graph import collate
 from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule
 from se3tcli.model.transformer import SE3Transformer
+from se3tcli.prefetch import prefetch
 
 MAX_ATOMS_PER_BATCH = 4096
 PREFETCH_RECORDS = 256  # records read ahead of the model
 
 Prediction = dict[str, float]
-T = TypeVar("T")
 
 
 def _symbol(z: int) -> str:
@@ -109,41 +106,6 @@ def run_model(
         return first + run_model(model, molecules[half:], device, targets, on_oom)
 
 
-def prefetch(items: Iterable[T], depth: int = PREFETCH_RECORDS) -> Iterator[T]:
-    """Iterate ``items`` in a background thread, at most ``depth`` ahead; exceptions re-raise here."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put((done, None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            buffer.put((done, exc))
-
-    worker = threading.Thread(target=produce, name="se3t-reader", daemon=True)
-    worker.start()
-    try:
-        while True:
-            item, error = buffer.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-
-
 def predict_stream(
     loaded: LoadedModel,
     molecules: Iterable[Molecule],
@@ -164,7 +126,7 @@ def predict_stream(
         for m in pending:
             yield m, (next(results) if m.ok else None)
 
-    for molecule in prefetch(molecules):
+    for molecule in prefetch(molecules, PREFETCH_RECORDS):
         molecule = check_domain(molecule, loaded)
         pending.append(molecule)
         if molecule.ok:

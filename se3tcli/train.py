@@ -22,16 +22,19 @@ import torch
 from torch import nn
 
 from se3tcli import __version__
+from se3tcli.batching import StaticShape, graph_sizes, size_bounded_batches
 from se3tcli.checkpoint import checkpoint_dict, model_from_checkpoint, read_checkpoint, save_checkpoint
 from se3tcli.data.dataset import LabelledData, load_labelled
 from se3tcli.data.qm9 import QM9Data
 from se3tcli.data.splits import element_counts, fit_atom_refs, save_split
-from se3tcli.graph import collate
+from se3tcli.graph import Batch, collate
 from se3tcli.model.config import ModelConfig, preset
 from se3tcli.model.transformer import SE3Transformer
+from se3tcli.prefetch import prefetch
 from se3tcli.targets import ATOM_REF_TARGETS, TARGETS
 
 DEFAULT_EPOCHS = 100
+PREFETCH_BATCHES = 4  # training batches collated ahead in a background thread
 
 
 @dataclass
@@ -58,6 +61,9 @@ class TrainOptions:
     cache: str | None = None
     init_from: str | None = None  # start from this checkpoint's weights and statistics (fine-tuning)
     eval_batch_size: int = 256
+    max_atoms: int | None = None  # batches bounded by atoms (batch_size still bounds molecules)
+    max_edges: int | None = None  # batches bounded by directed edges
+    cuda_graphs: bool = False  # replay one captured forward+backward over batches padded to one shape
     command: str = ""  # the command line that started the run, for the record
 
 
@@ -146,8 +152,12 @@ def batches(data: QM9Data, indices: np.ndarray, batch_size: int, cutoff: float) 
 
 def loss_fn(outputs: dict[str, torch.Tensor], y: torch.Tensor, targets: Sequence[str], scale: torch.Tensor):
     """Mean over targets of the L1 error divided by each target's scale (a normalised L1)."""
-    pred = torch.stack([outputs[t] for t in targets], dim=1).to(torch.float64)  # [b, T]
-    return ((pred - y).abs() / scale).mean()
+    return stacked_loss(torch.stack([outputs[t] for t in targets], dim=1), y, scale)
+
+
+def stacked_loss(pred: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`loss_fn` of predictions ``[b, T]`` (columns in target order)."""
+    return ((pred.to(torch.float64) - y).abs() / scale).mean()
 
 
 @torch.no_grad()
@@ -232,6 +242,9 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = select_device(options.device)
+        if self.device.type == "cuda":  # TF32 matmuls for training (the equivariance checks turn it off)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.out = Path(options.out)
 
     # --- set-up
@@ -250,6 +263,7 @@ class Trainer:
             saved = state["training"]["options"]
             # The data, split, model and schedule come from the run; only the budget may change.
             keep = {"epochs", "time_limit", "device", "patience", "out", "resume", "cache", "eval_batch_size"}
+            keep.add("cuda_graphs")  # how steps run, not what they compute
             for key, value in saved.items():
                 if key not in keep:
                     setattr(opts, key, tuple(value) if key == "targets" else value)
@@ -284,8 +298,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
         )
-        n_train = len(self.labelled.split["train"]) // self.dist.world
-        self.steps_per_epoch = max(1, math.ceil(n_train / opts.batch_size))
+        self._setup_batching()
+        self.steps_per_epoch = len(self._epoch_batches(0))
         self.total_steps = self.steps_per_epoch * opts.epochs
         warmup = max(1, int(opts.warmup_epochs * self.steps_per_epoch))
         total = self.total_steps
@@ -320,6 +334,45 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _setup_batching(self) -> None:
+        """Molecule sizes for batches bounded by atoms/edges, and the static shape for CUDA graphs."""
+        opts = self.opts
+        self.sizes: tuple[np.ndarray, np.ndarray] | None = None
+        self.static_shape: StaticShape | None = None
+        self.graphed = None  # GraphedTraining, captured at the first step
+        if opts.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("--cuda-graphs needs a CUDA device")
+        if not (opts.max_atoms or opts.max_edges or opts.cuda_graphs):
+            return
+        if self.dist.world > 1:
+            raise ValueError("--max-atoms/--max-edges/--cuda-graphs work on one device only (no torchrun)")
+        data, train = self.labelled.data, self.labelled.split["train"]
+        atoms, edges = np.zeros(len(data), np.int64), np.zeros(len(data), np.int64)
+        atoms[train], edges[train] = graph_sizes(data.molecule, train, opts.cutoff)
+        self.sizes = (atoms, edges)
+        if opts.cuda_graphs:  # a graph replays one shape: every batch needs an atom and an edge budget
+            if not opts.max_atoms:
+                opts.max_atoms = max(int(atoms[train].max()), round(opts.batch_size * atoms[train].mean()))
+            if not opts.max_edges:
+                opts.max_edges = max(int(edges[train].max()), round(opts.batch_size * edges[train].mean()))
+            self.static_shape = StaticShape.for_budget(opts.max_atoms, opts.max_edges, opts.batch_size)
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of the epoch: ``batch_size`` molecules each, or bounded by atoms/edges."""
+        order = self._epoch_order(epoch)
+        if self.sizes is None:
+            size = self.opts.batch_size
+            return [order[start : start + size] for start in range(0, len(order), size)]
+        atoms, edges = self.sizes
+        return size_bounded_batches(
+            order, atoms, edges, self.opts.max_atoms, self.opts.max_edges, self.opts.batch_size
+        )
+
+    def _collated(self, chunks: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, Batch, torch.Tensor]]:
+        for chunk in chunks:
+            batch, y, _ = next(batches(self.labelled.data, chunk, len(chunk), self.opts.cutoff))
+            yield chunk, batch, y
 
     def _options_dict(self) -> dict[str, Any]:
         d = asdict(self.opts)
@@ -384,12 +437,15 @@ class Trainer:
         per_rank = len(order) // self.dist.world
         return order[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
 
-    def _train_step(self, chunk: np.ndarray) -> float:
-        """One optimizer step on the molecules ``chunk``; on GPU out-of-memory the batch is split into
-        micro-batches whose gradients add up to the same step (and stays split for the rest of the run)."""
+    def _train_step(self, chunk: np.ndarray, batch: Batch, y: torch.Tensor) -> float:
+        """One optimizer step on the molecules ``chunk`` (collated: ``batch``, targets ``y``); on GPU
+        out-of-memory the batch is split into micro-batches whose gradients add up to the same step (and
+        stays split for the rest of the run)."""
+        if self.static_shape is not None:
+            return self._graphed_step(batch, y)
         while True:
             try:
-                return self._accumulated_step(chunk)
+                return self._accumulated_step(chunk, batch, y)
             except torch.cuda.OutOfMemoryError:
                 if self.micro_batches >= len(chunk):
                     raise
@@ -400,13 +456,16 @@ class Trainer:
                     f"GPU out of memory: each batch now runs as {self.micro_batches} micro-batches"
                 )
 
-    def _accumulated_step(self, chunk: np.ndarray) -> float:
+    def _accumulated_step(self, chunk: np.ndarray, whole: Batch, whole_y: torch.Tensor) -> float:
         self.ddp_model.train()
         self.optimizer.zero_grad(set_to_none=True)
         use_amp = self.opts.amp and self.device.type == "cuda"
         total = 0.0
         for part in np.array_split(chunk, min(self.micro_batches, len(chunk))):
-            batch, y, _ = next(batches(self.labelled.data, part, len(part), self.opts.cutoff))
+            if len(part) == len(chunk):
+                batch, y = whole, whole_y
+            else:
+                batch, y, _ = next(batches(self.labelled.data, part, len(part), self.opts.cutoff))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 outputs = self.ddp_model(batch.to(self.device))
             loss = loss_fn(outputs, y.to(self.device), self.opts.targets, self.scale) * (
@@ -414,10 +473,28 @@ class Trainer:
             )
             loss.backward()
             total += float(loss.detach())
+        self._optimizer_step()
+        return total
+
+    def _graphed_step(self, batch: Batch, y: torch.Tensor) -> float:
+        """:meth:`_accumulated_step` through the captured graphs (padding rows excluded from the loss)."""
+        from se3tcli.cuda_graphs import GraphedTraining  # CUDA only
+
+        self.model.train()
+        if self.graphed is None:
+            self.graphed = GraphedTraining(self.model, self.static_shape, self.opts.targets, self.opts.amp)
+            self.reporter.message(f"CUDA graphs captured for batches padded to {self.static_shape}")
+        self.optimizer.zero_grad(set_to_none=True)
+        pred = self.graphed.predict(batch)[: batch.n_mol]  # [b, T]
+        loss = stacked_loss(pred, y.to(self.device, non_blocking=True), self.scale)
+        loss.backward()
+        self._optimizer_step()
+        return float(loss.detach())
+
+    def _optimizer_step(self) -> None:
         nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return total
 
     def validate(self) -> dict[str, dict]:
         data = self.labelled.data
@@ -445,13 +522,11 @@ class Trainer:
         self.reporter.start(self.total_steps, self.step, {"device": str(self.device), "out": str(self.out)})
         status = "finished"
         while self.epoch < opts.epochs:
-            order = self._epoch_order(self.epoch)
-            skip = self.batch_in_epoch * opts.batch_size
-            if skip == 0:
+            if self.batch_in_epoch == 0:
                 self.epoch_loss_sum = 0.0
-            remaining = order[skip:]
-            for start in range(0, len(remaining), opts.batch_size):
-                loss = self._train_step(remaining[start : start + opts.batch_size])
+            remaining = self._epoch_batches(self.epoch)[self.batch_in_epoch :]
+            for chunk, batch, y in prefetch(self._collated(remaining), PREFETCH_BATCHES):
+                loss = self._train_step(chunk, batch, y)
                 self.epoch_loss_sum += loss
                 self.batch_in_epoch += 1
                 self.step += 1

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from rdkit import Chem
 
 from se3tcli.data.qm9 import CACHE_FILE, default_cache_dir
 from se3tcli.train import Trainer, TrainOptions
@@ -80,6 +79,8 @@ def write_labelled_sdf(path: Path, n_rotated_copies: int = 0, untagged: int = 0,
     """qm9_sample.sdf with its ``homo_eV``-style tags renamed to registry targets (``homo``, ``lumo``,
     ``gap``), plus rotated copies of the first molecules (same labels) and records without any label."""
     rng = np.random.default_rng(seed)
+    from rdkit import Chem  # imported here: the GPU machine's tests (CUDA graphs) run without RDKit
+
     supplier = Chem.SDMolSupplier(str(SAMPLES / "qm9_sample.sdf"), removeHs=False)
     molecules = [mol for mol in supplier if mol is not None]
     with Chem.SDWriter(str(path)) as writer:

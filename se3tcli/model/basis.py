@@ -172,6 +172,8 @@ class AngularBasis(nn.Module):
         row_out = [lo * lo + lo + m for (_, lo, _), m in terms]
         self.register_buffer("term_rows_in", torch.tensor(row_in), persistent=False)  # [T]
         self.register_buffer("term_rows_out", torch.tensor(row_out), persistent=False)  # [T]
+        helper_axes = torch.eye(3, dtype=torch.float64)[[2, 0]]  # ẑ, x̂
+        self.register_buffer("helper_axes", helper_axes, persistent=False)
         # D^l = Uᵀ (D^{l-1} ⊗ D^1) U with U = sqrt(2l+1) C^{l-1,1,l} (orthonormal columns).
         for l in range(2, lmax + 1):
             up = o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(3 * (2 * l - 1), 2 * l + 1)
@@ -203,7 +205,7 @@ class AngularBasis(nn.Module):
                 rotation = torch.eye(3, dtype=sh.dtype, device=sh.device).expand(n, 3, 3)
             else:
                 axis = F.normalize(sh[:, 1:4], dim=1)  # x̂ (Y_1 = sqrt(3) x̂); 0 for coincident atoms
-                e_z, e_x = sh.new_tensor([0.0, 0.0, 1.0]), sh.new_tensor([1.0, 0.0, 0.0])
+                e_z, e_x = self.helper_axes.to(sh.dtype)  # buffers: no host copy (CUDA graphs forbid it)
                 helper = torch.where(axis[:, 2:3].abs() < 0.9, e_z, e_x)  # any vector not along x̂
                 first = F.normalize(torch.cross(helper, axis, dim=1), dim=1)
                 rotation = torch.stack([first, axis, torch.cross(first, axis, dim=1)], dim=1)  # R x̂ = ŷ

@@ -80,6 +80,7 @@ class EdgeConvolution(nn.Module):
         self.register_buffer("path_norm", torch.tensor([1 / math.sqrt(f) for f in fan_in]))
         per_kernel = channels * n_paths if kernel == "depthwise" else n_paths * channels * channels
         self.radial = nn.Linear(radial_hidden, n_kernels * per_kernel)
+        self._reference_cache: dict = {}  # a plain dict: not a submodule, so never in the state dict
 
     def path_weights(self, geometry: EdgeGeometry) -> torch.Tensor:
         """Radial weights: depthwise ``[E, K, C, P]``; full ``[E, K, P, C_out, C_in]`` (P = paths)."""
@@ -140,7 +141,7 @@ class EdgeConvolution(nn.Module):
 
     def reference(self, x_src: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
         """The same convolution through ``e3nn.o3.TensorProduct`` (slow; tests and benchmarks only)."""
-        tp = self._reference_tp().to(device=x_src.device, dtype=x_src.dtype)
+        tp = self._reference_tp(x_src.device, x_src.dtype)
         weights = self.path_weights(geometry)
         inputs = to_e3nn(x_src, self.lmax)
         outputs = []
@@ -151,7 +152,16 @@ class EdgeConvolution(nn.Module):
             outputs.append(from_e3nn(out, self.channels, self.lmax))
         return torch.stack(outputs, dim=1)
 
-    def _reference_tp(self) -> o3.TensorProduct:
+    def _reference_tp(self, device: torch.device, dtype: torch.dtype) -> o3.TensorProduct:
+        """The e3nn module, built (code generation: tens of ms) once per device and dtype and kept outside
+        the module's state, so that benchmarks time the products, not their construction."""
+        key = (str(device), dtype)
+        if self._reference_cache.get("key") != key:
+            tp = self._build_reference_tp().to(device=device, dtype=dtype)
+            self._reference_cache.update(key=key, tp=tp)
+        return self._reference_cache["tp"]
+
+    def _build_reference_tp(self) -> o3.TensorProduct:
         irreps = feature_irreps(self.channels, self.lmax)
         irreps_sh = o3.Irreps.spherical_harmonics(self.angular.jmax)
         mode = "uvu" if self.kernel == "depthwise" else "uvw"

@@ -97,6 +97,10 @@ class SE3Transformer(nn.Module):
 
     def elements_of(self, z: torch.Tensor) -> torch.Tensor:
         element = self.element_index[z.clamp(0, _N_ELEMENTS - 1)]
+        # The check reads the result back (a device sync), which CUDA-graph capture forbids: graphed callers
+        # check their inputs before copying them into the graph (see se3tcli.cuda_graphs).
+        if z.is_cuda and torch.cuda.is_current_stream_capturing():
+            return element
         if z.numel() and (bool((element < 0).any()) or bool((z >= _N_ELEMENTS).any())):
             bad = sorted(set(z[element < 0].tolist()))
             raise UnsupportedElementError(f"atomic numbers {bad} are not supported by this model")

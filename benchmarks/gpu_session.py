@@ -1,0 +1,208 @@
+"""Everything a short GPU session does, in one time-boxed run: CUDA tests, throughput benchmarks and a
+fine-tuning run of the bundled model's configuration.
+
+    SE3T_CACHE_DIR=<folder with qm9_v1.npz> python benchmarks/gpu_session.py RESULTS --budget 540
+
+Stages, each under its own time limit (what does not fit in the remaining budget is skipped):
+
+1. ``tests/test_cuda_graphs.py`` (graph replays equal the eager model);
+2. ``bench.py`` on the bundled configuration (``small``, lmax 1, 3 layers), batch 512, fast / reference /
+   CUDA graphs, with the device ceilings;
+3. ``se3t train`` from the bundled checkpoint (``--init-from``), its epochs sized from stage 2's training
+   rate so that the cosine schedule ends inside the budget, with CUDA graphs if stage 2 showed them working;
+4. ``bench.py`` on ``base`` (batch 128), then on the bundled configuration with bf16 autocast.
+
+RESULTS receives ``session.log``, one JSON per benchmark and ``run.tar`` (the training run directory).
+Needs torch, e3nn, numpy, typer and rich only: the QM9 cache stands in for qm9pack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ["--preset", "small", "--lmax", "1", "--layers", "3"]
+N_TRAIN = 100_000  # QM9 training split
+TRAIN_BATCH = 256
+EPOCH_OVERHEAD_S = 4.0  # validation of 17,748 molecules plus the epoch's checkpoint, per epoch
+TRAIN_SETUP_S = 40.0  # data, molecule sizes, capture, and the final test evaluation
+
+
+class Session:
+    def __init__(self, results: Path, budget: float, dry_run: bool):
+        self.results = results
+        self.deadline = time.monotonic() + budget
+        self.dry_run = dry_run
+        self.log = (results / "session.log").open("a")
+        self.env = os.environ | {"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def say(self, text: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')} {self.left():6.0f}s left] {text}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def run(self, name: str, argv: list[str], limit: float, stdout: Path | None = None) -> int | None:
+        """Run ``argv`` (stderr, and stdout unless ``stdout``, to the log) for at most ``limit`` seconds;
+        ``None`` when skipped for lack of time."""
+        limit = min(limit, self.left() - 5)
+        if limit < 10:
+            self.say(f"{name}: skipped ({self.left():.0f}s left)")
+            return None
+        self.say(f"{name}: {' '.join(argv)} (limit {limit:.0f}s)")
+        started = time.monotonic()
+        sink = stdout.open("w") if stdout else self.log
+        try:
+            code = subprocess.run(
+                argv, cwd=ROOT, env=self.env, stdout=sink, stderr=self.log, timeout=limit
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+        except OSError as exc:  # e.g. the program is missing
+            self.say(f"{name}: {exc}")
+            code = 127
+        finally:
+            if stdout:
+                sink.close()
+        self.say(f"{name}: exit {code} after {time.monotonic() - started:.0f}s")
+        return code
+
+    def bench(self, name: str, extra: list[str], limit: float) -> dict | None:
+        path = self.results / f"bench-{name}.json"
+        device = (
+            ["--device", "cpu", "--steps", "1", "--repeats", "1"] if self.dry_run else ["--device", "cuda"]
+        )
+        code = self.run(
+            f"bench {name}", [sys.executable, "benchmarks/bench.py", *device, *extra, "--json"], limit, path
+        )
+        if code != 0:
+            return None
+        report = json.loads(path.read_text())
+        for row in report["results"]:
+            self.say(
+                f"  {row['impl']:>9} {row['mode']:<5} {row['mol_per_s']:>10.1f} mol/s "
+                f"{row['peak_mem_mb']:>8.1f} MB"
+            )
+        return report
+
+
+def train_rate(report: dict | None) -> tuple[float, bool]:
+    """Training molecules/s of the fastest working fast-path variant, and whether that is CUDA graphs."""
+    rates = {r["impl"]: r["mol_per_s"] for r in (report or {}).get("results", []) if r["mode"] == "train"}
+    if not rates:
+        return 0.0, False
+    graphs = rates.get("graphs", 0.0) > rates.get("fast", 0.0)
+    return max(rates.get("graphs", 0.0), rates.get("fast", 0.0)), graphs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", type=Path)
+    p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole session")
+    p.add_argument(
+        "--reserve", type=float, default=110.0, help="seconds kept for the benchmarks after training"
+    )
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the flow, not the numbers")
+    args = p.parse_args()
+    args.results.mkdir(parents=True, exist_ok=True)
+    s = Session(args.results, args.budget, args.dry_run)
+    python = sys.executable
+
+    s.run("gpu", ["nvidia-smi"], 15)
+    s.run(
+        "versions",
+        [
+            python,
+            "-c",
+            "import torch, e3nn; print(torch.__version__, e3nn.__version__, "
+            "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')",
+        ],
+        60,
+    )
+    s.run(
+        "cuda tests",
+        [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_cuda_graphs.py"],
+        120,
+    )
+
+    graphs = [] if args.dry_run else ["--cuda-graphs"]
+    small_batches = (
+        ["--batch-size", "8", "--n-batches", "2"]
+        if args.dry_run
+        else ["--batch-size", "512", "--steps", "10"]
+    )
+    bundled = s.bench("bundled", [*BUNDLED, *small_batches, *graphs, "--ceilings"], 120)
+
+    rate, use_graphs = train_rate(bundled)
+    run_dir = args.results / "run"
+    train_s = s.left() - args.reserve - TRAIN_SETUP_S
+    if rate > 0 and train_s > 60:
+        rate *= 0.7  # batch 256 instead of 512, collation, and a safety margin
+        epochs = max(1, min(100, int(train_s / (N_TRAIN / rate + EPOCH_OVERHEAD_S))))
+        s.say(f"training: {epochs} epochs at an expected {rate:.0f} mol/s, CUDA graphs: {use_graphs}")
+        argv = [
+            python,
+            "-m",
+            "se3tcli",
+            "train",
+            "--dataset",
+            "qm9",
+            *BUNDLED,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            str(TRAIN_BATCH),
+            "--lr",
+            "1.5e-3",
+            "--warmup-epochs",
+            "0.5",
+            "--seed",
+            "0",
+            "--no-amp",
+            "--init-from",
+            "models/qm9-default.pt",
+            "--out",
+            str(run_dir),
+            "--time-limit",
+            f"{(train_s + 20) / 60:.2f}",
+        ]
+        if args.dry_run:
+            argv += ["--limit", "400", "--device", "cpu"]
+        elif use_graphs:
+            argv += ["--cuda-graphs"]
+        code = s.run("train", argv, train_s + TRAIN_SETUP_S)
+        if code not in (0, None) and use_graphs and not (run_dir / "best.pt").exists():
+            s.say("training with CUDA graphs failed; again without them")
+            argv = [a for a in argv if a != "--cuda-graphs"]
+            argv[argv.index("--out") + 1] = str(args.results / "run-eager")
+            run_dir = args.results / "run-eager"
+            s.run("train eager", argv, s.left() - args.reserve + 30)
+        if run_dir.exists():
+            with tarfile.open(args.results / "run.tar", "w") as tar:
+                tar.add(run_dir, arcname="run")
+    else:
+        s.say(f"training: skipped (train rate {rate:.0f} mol/s, {train_s:.0f}s available)")
+
+    base_batches = (
+        ["--batch-size", "4", "--n-batches", "2"]
+        if args.dry_run
+        else ["--batch-size", "128", "--steps", "10"]
+    )
+    s.bench("base", ["--preset", "base", *base_batches, *graphs], 75)
+    if not args.dry_run:
+        s.bench("bundled-amp", [*BUNDLED, *small_batches, *graphs, "--amp", "--skip-reference"], 45)
+    s.say("done")
+
+
+if __name__ == "__main__":
+    main()

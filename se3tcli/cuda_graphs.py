@@ -1,0 +1,117 @@
+"""CUDA graphs over padded batches of one static shape: the forward pass (inference) or the forward and
+backward passes (training) captured once and replayed for every batch.
+
+A layer launches dozens of small kernels, so on a GPU a model of this size is bound by launch overhead
+rather than arithmetic. A replayed graph launches them all at once, but it replays fixed shapes and
+addresses: every batch is padded to one :class:`~se3tcli.batching.StaticShape` and copied into the graph's
+input tensors. A replay runs no Python, so the element check the eager model does happens here, on the
+CPU, before the copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from se3tcli.batching import StaticShape, pad_batch
+from se3tcli.graph import Batch
+from se3tcli.model.transformer import SE3Transformer, UnsupportedElementError
+
+_WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS handles, allocator pools)
+
+
+def autocast(enabled: bool) -> AbstractContextManager:
+    """bf16 autocast as graphs need it: no weight-cast cache (cached casts would outlive the capture)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+def check_elements(model: SE3Transformer, z: torch.Tensor) -> None:
+    """The eager model's element check, on the CPU copy of the atomic numbers."""
+    supported = set(model.config.elements)
+    bad = sorted({int(v) for v in torch.unique(z).tolist()} - supported)
+    if bad:
+        raise UnsupportedElementError(f"atomic numbers {bad} are not supported by this model")
+
+
+def empty_batch(dtype: torch.dtype = torch.float32) -> Batch:
+    long = torch.zeros(0, dtype=torch.long)
+    pos = torch.zeros(0, 3, dtype=dtype)
+    return Batch(z=long, pos=pos, mol_index=long, n_mol=0, edge_src=long, edge_dst=long)
+
+
+class _TensorForward(nn.Module):
+    """The model as a function of plain tensors (what ``make_graphed_callables`` takes):
+    ``(z, pos, mol_index, edge_src, edge_dst)`` -> predictions ``[n_mol, T]`` of ``targets``."""
+
+    def __init__(self, model: SE3Transformer, n_mol: int, targets: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.n_mol = n_mol
+        self.targets = targets
+
+    def forward(self, z, pos, mol_index, edge_src, edge_dst) -> torch.Tensor:
+        out = self.model(Batch(z, pos, mol_index, self.n_mol, edge_src, edge_dst))
+        return torch.stack([out[t] for t in self.targets], dim=1)
+
+
+class GraphedTraining:
+    """Forward and backward of ``model`` for one static shape (``torch.cuda.make_graphed_callables``).
+
+    ``predict(batch)`` pads a CPU batch, runs the captured forward and returns ``[shape.n_mol, T]``
+    predictions whose backward replays the captured backward; rows past ``batch.n_mol`` are padding. The
+    optimizer step stays eager (a handful of fused kernels).
+    """
+
+    def __init__(self, model: SE3Transformer, shape: StaticShape, targets: tuple[str, ...], amp: bool):
+        self.model, self.shape, self.amp = model, shape, amp
+        self.device = next(model.parameters()).device
+        self.pad_element = model.config.elements[0]
+        sample = self._inputs(empty_batch())
+        with autocast(amp):
+            self.forward = torch.cuda.make_graphed_callables(
+                _TensorForward(model, shape.n_mol, targets),
+                sample,
+                num_warmup_iters=_WARMUP_PASSES,
+                allow_unused_input=True,
+            )
+
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        check_elements(self.model, batch.z)
+        padded = pad_batch(batch, self.shape, self.pad_element)
+        tensors = (padded.z, padded.pos, padded.mol_index, padded.edge_src, padded.edge_dst)
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with autocast(self.amp):
+            return self.forward(*self._inputs(batch))
+
+
+class GraphedInference:
+    """One captured forward pass of ``model`` (eval mode, no gradients) for one static shape; calling it
+    with a CPU batch that fits the shape returns the eager model's outputs ``{name: [n_mol, ...]}``."""
+
+    def __init__(self, model: SE3Transformer, shape: StaticShape, amp: bool = False):
+        self.model, self.shape, self.amp = model.eval(), shape, amp
+        self.device = next(model.parameters()).device
+        self.pad_element = model.config.elements[0]
+        self.static = pad_batch(empty_batch(), shape, self.pad_element).to(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad(), autocast(amp):
+            for _ in range(_WARMUP_PASSES):
+                model(self.static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad(), autocast(amp):
+            self.outputs = model(self.static)
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        check_elements(self.model, batch.z)
+        padded = pad_batch(batch, self.shape, self.pad_element)
+        static = self.static
+        for name in ("z", "pos", "mol_index", "edge_src", "edge_dst"):
+            getattr(static, name).copy_(getattr(padded, name).pin_memory(), non_blocking=True)
+        self.graph.replay()
+        return {name: value[: batch.n_mol].clone() for name, value in self.outputs.items()}

@@ -7,14 +7,14 @@ once up front, then for each implementation (``fast``; ``reference``: every conv
 * ``train``: forward, L1 loss on all targets, backward and an AdamW step;
 * ``infer``: forward under ``torch.inference_mode``;
 
+after warm-up steps, as the median of interleaved repeats (``torch.cuda.synchronize`` around every timed
+block on GPU), and the peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the warm-up and one step,
+so that a CUDA graph's capture counts; CPU: growth of the resident set over the first step in a fresh
+process, from ``VmHWM`` after resetting it, else ``getrusage``).
+
 With ``--cuda-graphs`` (CUDA) a third implementation, ``graphs``, runs the fast path as captured CUDA
 graphs (``se3tcli.cuda_graphs``) over the same batches padded to one static shape; its timings include the
 padding and the host-to-device copy of every batch, which the eager cases (batches already on the GPU) skip.
-
-after warm-up steps, as the median of interleaved repeats (``torch.cuda.synchronize`` around every timed
-block on GPU), and the peak memory of one step (CUDA: ``torch.cuda.max_memory_allocated``; CPU: growth of
-the resident set over the first step in a fresh process, from ``VmHWM`` after resetting it, else
-``getrusage``).
 
     python benchmarks/bench.py --device cpu --preset small --json
     python benchmarks/bench.py --device cpu --preset small --lmax 1 --layers 3   # the bundled model's config
@@ -224,11 +224,13 @@ def _max_rss() -> int:  # bytes
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def cuda_peak_mb(step: Callable[[], None], device: torch.device) -> float:
-    """``torch.cuda.max_memory_allocated`` over one step (model, optimizer state and batches included)."""
+def cuda_peak_mb(step: Callable[[], None], device: torch.device, warmup: int) -> float:
+    """``torch.cuda.max_memory_allocated`` over the warm-up steps and one more (model, optimizer state and
+    batches included)."""
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step()
+    for _ in range(warmup + 1):
+        step()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
 
@@ -370,12 +372,15 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = {}
     for impl, mode in cases:  # warm-up, then the peak memory of one step
         runner.model.train(mode == "train")
+        if device.type == "cuda":
+            # Over the warm-up too: a CUDA graph is captured there, and its private memory pool, which
+            # replays reuse without allocating, is only seen being filled then.
+            step = lambda impl=impl, mode=mode: runner.step(impl, mode)  # noqa: E731
+            peaks[impl, mode] = cuda_peak_mb(step, device, args.warmup)
+            continue
         for _ in range(args.warmup):
             runner.step(impl, mode)
-        if device.type == "cuda":
-            peaks[impl, mode] = cuda_peak_mb(lambda impl=impl, mode=mode: runner.step(impl, mode), device)
-        else:
-            peaks[impl, mode] = cpu_peak_mb(argv, impl, mode)
+        peaks[impl, mode] = cpu_peak_mb(argv, impl, mode)
     rates: dict[tuple[str, str], list[float]] = {case: [] for case in cases}
     for _ in range(args.repeats):  # interleaved, so that slow drifts of the machine hit every case alike
         for case in cases:
@@ -409,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_infer": ratio("infer"),
         "ratio_train_graphs": ratio("train", "graphs"),
         "ratio_infer_graphs": ratio("infer", "graphs"),
-        "peak_mem": "cuda max_memory_allocated"
+        "peak_mem": "cuda max_memory_allocated over warm-up and one step"
         if device.type == "cuda"
         else "resident-set growth over a first step (fresh process)",
         "config": config.to_dict(),

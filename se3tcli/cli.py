@@ -49,7 +49,7 @@ def guarded(command):
     def wrapper(*args, **kwargs):
         from se3tcli.checkpoint import CheckpointError
         from se3tcli.data.qm9 import QM9Unavailable
-        from se3tcli.io import InputError
+        from se3tcli.errors import InputError
 
         debug = kwargs.get("debug", False)
         try:

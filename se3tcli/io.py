@@ -44,7 +44,7 @@ from ase.data import chemical_symbols
 from rdkit import Chem, rdBase
 from rdkit.Chem import AllChem, rdDetermineBonds
 
-STATUS_OK, STATUS_WARNING, STATUS_ERROR = "ok", "warning", "error"
+from se3tcli.errors import STATUS_ERROR, STATUS_OK, STATUS_WARNING, InputError  # noqa: F401 - re-exported
 
 SMILES_SOURCE = "<smiles>"  # Molecule.source of molecules given as SMILES strings rather than files
 
@@ -71,10 +71,6 @@ _FRAGMENT_GAP = 3.0  # Å between the bounding spheres of disconnected fragments
 # RDKit >= 2026.03 can capture its error log; older versions only get it silenced (generic reasons then).
 _CaptureErrorLog = getattr(rdBase, "CaptureErrorLog", None)
 _RDKIT_LOG_LINE = re.compile(r"^\[\d{2}:\d{2}:\d{2}\] (?:ERROR: )?(.+)$", re.MULTILINE)
-
-
-class InputError(Exception):
-    """Usage-level problem (missing file, unsupported suffix); the CLI prints str(e) as one line, exit 2."""
 
 
 def _symbol(number: int) -> str:

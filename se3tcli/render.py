@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -17,9 +17,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule
+from se3tcli.errors import STATUS_ERROR, STATUS_WARNING
 from se3tcli.targets import PAPER_MAE, TARGETS
 from se3tcli.train import TrainingReporter
+
+if TYPE_CHECKING:
+    from se3tcli.io import Molecule
 
 _STATUS_STYLE = {"ok": "green", STATUS_WARNING: "yellow", STATUS_ERROR: "red"}
 

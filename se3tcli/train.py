@@ -120,14 +120,31 @@ def fit_statistics(data: QM9Data, train_idx: np.ndarray, elements: Sequence[int]
     return {"mean": mean, "std": std, "loss_scale": scale, "atom_refs": refs}
 
 
-def _initial_model(path: str, config: ModelConfig) -> tuple[dict[str, Any], SE3Transformer]:
-    """Weights and statistics of a checkpoint whose model matches ``config`` (for ``--init-from``)."""
+def _initial_model(
+    path: str, config: ModelConfig, data: dict[str, Any]
+) -> tuple[dict[str, Any], SE3Transformer]:
+    """Weights and statistics of a checkpoint whose model matches ``config`` (for ``--init-from``).
+
+    On the same data set the split must be the checkpoint's own (``data``: this run's data description):
+    another seed or limit draws another split, whose validation and test molecules the checkpoint may
+    have been trained on, so its errors would look better than they are.
+    """
     state = read_checkpoint(path)
     model = model_from_checkpoint(state, path)
     if model.config != config:
         differing = sorted(k for k, v in config.to_dict().items() if model.config.to_dict()[k] != v)
         raise ValueError(
             f"{path}: --init-from model differs from the requested one in {', '.join(differing)}"
+        )
+    trained_on = state.get("training", {}).get("data", {})
+    if trained_on.get("dataset") == data["dataset"] and any(
+        trained_on.get(key) != data[key] for key in ("seed", "limit")
+    ):
+        raise ValueError(
+            f"{path} was trained on the {data['dataset']} split of --seed {trained_on.get('seed')} "
+            f"(--limit {trained_on.get('limit')}); --seed {data['seed']} (--limit {data['limit']}) would "
+            "draw another split, whose validation and test molecules it may have been trained on: use the "
+            "checkpoint's --seed and --limit"
         )
     return state["normalization"] | {"atom_refs": state["atom_refs"]}, model
 
@@ -284,7 +301,7 @@ class Trainer:
             self.statistics = state["normalization"] | {"atom_refs": state["atom_refs"]}
             self.model = model_from_checkpoint(state, resume_path)
         elif opts.init_from:
-            self.statistics, self.model = _initial_model(opts.init_from, config)
+            self.statistics, self.model = _initial_model(opts.init_from, config, self.labelled.description)
         else:
             train_idx = self.labelled.split["train"]
             self.statistics = fit_statistics(self.labelled.data, train_idx, config.elements)

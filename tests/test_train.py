@@ -432,3 +432,11 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(tmp_path: Path, 
     )
     with pytest.raises(ValueError, match="differs from the requested one"):
         Trainer(mismatched).setup()
+
+    # Another seed on the same data set draws another split: the checkpoint may have trained on its test set.
+    other_split = TrainOptions(
+        **{**options.__dict__, "out": str(tmp_path / "reseeded"), "seed": options.seed + 1}
+    )
+    with pytest.raises(ValueError, match="would draw another split"):
+        Trainer(other_split).setup()
+    assert not (tmp_path / "reseeded").exists()

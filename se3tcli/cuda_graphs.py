@@ -4,8 +4,8 @@ backward passes (training) captured once and replayed for every batch.
 A layer launches dozens of small kernels, so on a GPU a model of this size is bound by launch overhead
 rather than arithmetic. A replayed graph launches them all at once, but it replays fixed shapes and
 addresses: every batch is padded to one :class:`~se3tcli.batching.StaticShape` and copied into the graph's
-input tensors. A replay runs no Python, so the element check the eager model does happens here, on the
-CPU, before the copy.
+input tensors. A replay runs no Python, so the model's element check runs here, on the CPU copy of the
+atomic numbers, before the copy to the GPU.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from se3tcli.batching import StaticShape, pad_batch
 from se3tcli.graph import Batch
-from se3tcli.model.transformer import SE3Transformer, UnsupportedElementError
+from se3tcli.model.transformer import SE3Transformer
 
 _WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS handles, allocator pools)
 
@@ -27,12 +27,12 @@ def autocast(enabled: bool) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
-def check_elements(model: SE3Transformer, z: torch.Tensor) -> None:
-    """The eager model's element check, on the CPU copy of the atomic numbers."""
-    supported = set(model.config.elements)
-    bad = sorted({int(v) for v in torch.unique(z).tolist()} - supported)
-    if bad:
-        raise UnsupportedElementError(f"atomic numbers {bad} are not supported by this model")
+def padded_inputs(model: SE3Transformer, batch: Batch, shape: StaticShape) -> tuple[torch.Tensor, ...]:
+    """``(z, pos, mol_index, edge_src, edge_dst)`` of a CPU ``batch`` padded to ``shape``, its elements
+    checked first (a replay cannot raise)."""
+    model.check_elements(batch.z)
+    padded = pad_batch(batch, shape, model.config.elements[0])
+    return padded.z, padded.pos, padded.mol_index, padded.edge_src, padded.edge_dst
 
 
 def empty_batch(dtype: torch.dtype = torch.float32) -> Batch:
@@ -67,7 +67,6 @@ class GraphedTraining:
     def __init__(self, model: SE3Transformer, shape: StaticShape, targets: tuple[str, ...], amp: bool):
         self.model, self.shape, self.amp = model, shape, amp
         self.device = next(model.parameters()).device
-        self.pad_element = model.config.elements[0]
         sample = self._inputs(empty_batch())
         with autocast(amp):
             self.forward = torch.cuda.make_graphed_callables(
@@ -78,9 +77,7 @@ class GraphedTraining:
             )
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        check_elements(self.model, batch.z)
-        padded = pad_batch(batch, self.shape, self.pad_element)
-        tensors = (padded.z, padded.pos, padded.mol_index, padded.edge_src, padded.edge_dst)
+        tensors = padded_inputs(self.model, batch, self.shape)
         return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
 
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -95,8 +92,7 @@ class GraphedInference:
     def __init__(self, model: SE3Transformer, shape: StaticShape, amp: bool = False):
         self.model, self.shape, self.amp = model.eval(), shape, amp
         self.device = next(model.parameters()).device
-        self.pad_element = model.config.elements[0]
-        self.static = pad_batch(empty_batch(), shape, self.pad_element).to(self.device)
+        self.static = pad_batch(empty_batch(), shape, model.config.elements[0]).to(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.no_grad(), autocast(amp):
@@ -108,10 +104,9 @@ class GraphedInference:
             self.outputs = model(self.static)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
-        check_elements(self.model, batch.z)
-        padded = pad_batch(batch, self.shape, self.pad_element)
         static = self.static
-        for name in ("z", "pos", "mol_index", "edge_src", "edge_dst"):
-            getattr(static, name).copy_(getattr(padded, name).pin_memory(), non_blocking=True)
+        targets = (static.z, static.pos, static.mol_index, static.edge_src, static.edge_dst)
+        for target, value in zip(targets, padded_inputs(self.model, batch, self.shape), strict=True):
+            target.copy_(value.pin_memory(), non_blocking=True)
         self.graph.replay()
         return {name: value[: batch.n_mol].clone() for name, value in self.outputs.items()}

@@ -42,6 +42,21 @@ def random_molecule(rng: np.random.Generator, n_atoms: int, min_dist: float = 0.
     return rng.choice(elements, n_atoms), np.array(pos).reshape(n_atoms, 3)
 
 
+def tiny_train_options(out: Path, **changes) -> TrainOptions:
+    """The tiny model on 60 QM9 molecules (48/6/6), batches of 16: 3 steps per epoch, 2 epochs, CPU."""
+    settings = dict(
+        targets=("mu", "homo", "U0"),
+        model_overrides=dict(TINY),
+        epochs=2,
+        batch_size=16,
+        limit=60,
+        device="cpu",
+        seed=0,
+        out=str(out),
+    )
+    return TrainOptions(**(settings | changes))
+
+
 HAVE_QM9 = importlib.util.find_spec("qm9pack") is not None or (default_cache_dir() / CACHE_FILE).exists()
 # SD tags of qm9_sample.sdf renamed to the registry target they hold (read_labelled_file matches names).
 SAMPLE_TAGS = {"homo_eV": "homo", "lumo_eV": "lumo", "gap_eV": "gap"}

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, random_molecule
+from conftest import TINY, random_molecule, tiny_train_options
 
 from se3tcli.batching import StaticShape, graph_sizes, pad_batch, size_bounded_batches
-from se3tcli.cuda_graphs import _TensorForward, check_elements
+from se3tcli.cuda_graphs import _TensorForward
 from se3tcli.graph import collate
 from se3tcli.model.config import preset
 from se3tcli.model.heads import MU_VECTOR
@@ -89,9 +89,9 @@ def test_padding_refuses_a_batch_that_does_not_fit() -> None:
 
 def test_graph_inputs_are_checked_for_elements_on_the_cpu() -> None:
     model = SE3Transformer(preset("small", **TINY))
-    check_elements(model, torch.tensor([1, 6, 8]))
+    model.check_elements(torch.tensor([1, 6, 8]))
     with pytest.raises(UnsupportedElementError, match=r"\[26\]"):
-        check_elements(model, torch.tensor([1, 26, 6]))
+        model.check_elements(torch.tensor([1, 26, 6]))
 
 
 @pytest.mark.usefixtures("require_qm9")
@@ -99,21 +99,10 @@ def test_training_with_atom_and_edge_budgets(tmp_path: Path) -> None:
     """Batches bounded by atoms and edges: within budget, more steps than by molecules alone, and a
     resumed run repeats the uninterrupted one exactly."""
 
-    def options(out: str, **changes) -> TrainOptions:
-        settings = dict(
-            targets=("homo",),
-            model_overrides=dict(TINY),
-            epochs=1,
-            batch_size=16,
-            limit=60,
-            device="cpu",
-            max_atoms=150,
-            max_edges=1500,
-            out=out,
-        )
-        return TrainOptions(**(settings | changes))
+    def options(out: Path) -> TrainOptions:
+        return tiny_train_options(out, targets=("homo",), epochs=1, max_atoms=150, max_edges=1500)
 
-    whole = Trainer(options(str(tmp_path / "whole")))
+    whole = Trainer(options(tmp_path / "whole"))
     whole.setup()
     atoms, edges = whole.sizes
     chunks = whole._epoch_batches(0)
@@ -121,7 +110,7 @@ def test_training_with_atom_and_edge_budgets(tmp_path: Path) -> None:
     assert whole.steps_per_epoch == len(chunks) > 3  # 48 molecules in batches of 16 would be 3
     assert whole.run()["status"] == "finished"
 
-    parts = Trainer(options(str(tmp_path / "parts")))
+    parts = Trainer(options(tmp_path / "parts"))
     parts.setup()
     assert parts.run(should_stop=lambda: parts.step == 2)["status"] == "interrupted"
     resumed = Trainer(TrainOptions(out=str(tmp_path / "parts"), resume=True, device="cpu", epochs=None))

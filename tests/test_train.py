@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_options
 from typer.testing import CliRunner
 
 from se3tcli.checkpoint import checkpoint_dict, load_model, read_checkpoint, save_checkpoint
@@ -30,21 +31,6 @@ from se3tcli.train import Trainer, TrainOptions, build_model
 
 runner = CliRunner()
 TINY_FLAGS = ["--channels", "8", "--lmax", "1", "--layers", "1", "--heads", "2"]
-
-
-def _options(out: Path, tiny: dict, **changes) -> TrainOptions:
-    """60 QM9 molecules (48/6/6), batches of 16: 3 steps per epoch, 2 epochs."""
-    settings = dict(
-        targets=("mu", "homo", "U0"),
-        model_overrides=dict(tiny),
-        epochs=2,
-        batch_size=16,
-        limit=60,
-        device="cpu",
-        seed=0,
-        out=str(out),
-    )
-    return TrainOptions(**(settings | changes))
 
 
 def _metrics_rows(run: Path) -> list[dict[str, str]]:
@@ -145,16 +131,16 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path: Path, tiny: 
 
 
 @pytest.mark.usefixtures("require_qm9")
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path, tiny: dict) -> None:
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
     """Stopped by the time limit after step 1, by Ctrl-C at the end of epoch 1 (before its validation)
     and mid-epoch 2, then resumed each time: the same metrics rows, weights, optimizer and test metrics
     as a run that never stopped."""
-    whole = Trainer(_options(tmp_path / "whole", tiny))
+    whole = Trainer(tiny_train_options(tmp_path / "whole"))
     whole.setup()
     assert whole.run()["status"] == "finished" and whole.steps_per_epoch == 3
 
     parts = tmp_path / "parts"
-    first = Trainer(_options(parts, tiny, time_limit=0.0))
+    first = Trainer(tiny_train_options(parts, time_limit=0.0))
     first.setup()
     assert first.run() == {"status": "time limit", "epoch": 0} and first.step == 1
     assert not (parts / "metrics.csv").exists()

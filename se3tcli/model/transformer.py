@@ -95,6 +95,12 @@ class SE3Transformer(nn.Module):
         sh = self.angular.spherical_harmonics(unit)
         return EdgeGeometry(src, dst, length, envelope, radial, sh, self.angular(sh))
 
+    def check_elements(self, z: torch.Tensor) -> None:
+        """Raise :class:`UnsupportedElementError` for atomic numbers ``z`` (any device) the model lacks."""
+        bad = sorted({int(v) for v in torch.unique(z).tolist()} - set(self.config.elements))
+        if bad:
+            raise UnsupportedElementError(f"atomic numbers {bad} are not supported by this model")
+
     def elements_of(self, z: torch.Tensor) -> torch.Tensor:
         element = self.element_index[z.clamp(0, _N_ELEMENTS - 1)]
         # The check reads the result back (a device sync), which CUDA-graph capture forbids: graphed callers
@@ -102,8 +108,7 @@ class SE3Transformer(nn.Module):
         if z.is_cuda and torch.cuda.is_current_stream_capturing():
             return element
         if z.numel() and (bool((element < 0).any()) or bool((z >= _N_ELEMENTS).any())):
-            bad = sorted(set(z[element < 0].tolist()))
-            raise UnsupportedElementError(f"atomic numbers {bad} are not supported by this model")
+            self.check_elements(z)
         return element
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

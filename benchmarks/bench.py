@@ -152,17 +152,18 @@ def forward_flops(config: ModelConfig, edges_per_mol: float, atoms_per_mol: floa
     angular = AngularBasis(config.lmax, config.kernel_jmax)
     t, s, d = angular.n_terms, angular.n_coefficients, (config.lmax + 1) ** 2
     c, h, k = config.channels, config.radial_hidden, 2  # k: keys and values
+    # radial features -> frame coefficients (one GEMM, once per reverse pair of edges: halved per edge)
     if config.kernel == "depthwise":
-        coefficients = 2 * h * t * k * c  # radial features -> term coefficients (one GEMM)
+        coefficients = h * s * k * c
         products = t * k * c  # coefficients x rotated inputs
     else:
-        coefficients = 2 * h * s * c * k * c
+        coefficients = h * s * c * k * c
         products = 2 * s * 2 * c * k * c  # [2, C_in] @ [C_in, K*C_out] per coefficient
     rotations = 2 * t * d * c + 2 * d * t * k * c  # into the edge frame, and back
     attention = 2 * d * c + 2 * d * c  # q·k, α-weighted messages
     per_edge_layer = coefficients + products + rotations + attention
     per_node_layer = 3 * 2 * c * c * d  # query, self-interaction and value-mix linears (per degree)
-    radial = 2 * (config.n_radial * h + h * h)  # shared radial network, once per edge
+    radial = config.n_radial * h + h * h  # shared radial network, once per reverse pair of edges
     per_mol = config.n_layers * (edges_per_mol * per_edge_layer + atoms_per_mol * per_node_layer)
     per_mol += edges_per_mol * radial
     return {
@@ -176,7 +177,7 @@ def forward_flops(config: ModelConfig, edges_per_mol: float, atoms_per_mol: floa
 def ceilings(device: torch.device, config: ModelConfig) -> dict[str, float]:
     """Measured ceilings of the device: float32 GEMM GFLOP/s (a large square one, and the shape of the
     coefficient GEMM of a 4096-edge block) and copy bandwidth GB/s (read + write, 64 MB or 256 MB)."""
-    rows = AngularBasis(config.lmax, config.kernel_jmax).n_terms * 2 * config.channels
+    rows = AngularBasis(config.lmax, config.kernel_jmax).n_coefficients * 2 * config.channels
 
     def best(fn: Callable[[], object], work: float) -> float:
         fn()
@@ -299,10 +300,10 @@ class Runner:
 
         batch = self.cpu_batches[i]
         if mode not in self.graphed:
-            shape = StaticShape(
-                n_atoms=max(b.z.numel() for b in self.cpu_batches) + 2,
-                n_edges=max(b.edge_src.numel() for b in self.cpu_batches) + 1,
-                n_mol=max(b.n_mol for b in self.cpu_batches) + 1,
+            shape = StaticShape.for_budget(
+                max_atoms=max(b.z.numel() for b in self.cpu_batches),
+                max_edges=max(b.edge_src.numel() for b in self.cpu_batches),
+                max_molecules=max(b.n_mol for b in self.cpu_batches),
             )
             if mode == "infer":
                 self.graphed[mode] = GraphedInference(self.model, shape, self.amp)

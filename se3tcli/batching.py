@@ -34,8 +34,10 @@ class StaticShape:
 
     @classmethod
     def for_budget(cls, max_atoms: int, max_edges: int, max_molecules: int) -> StaticShape:
-        """Room for any batch within the budgets, plus two padding atoms and the padding molecule."""
-        return cls(n_atoms=max_atoms + 2, n_edges=max_edges + 1, n_mol=max_molecules + 1)
+        """Room for any batch within the budgets, plus two padding atoms, at least one pair of padding
+        edges and the padding molecule. The edge count is even, so that paired edges stay paired."""
+        n_edges = max_edges + 2 - max_edges % 2
+        return cls(n_atoms=max_atoms + 2, n_edges=n_edges, n_mol=max_molecules + 1)
 
 
 def graph_sizes(
@@ -96,7 +98,8 @@ def pad_batch(batch: Batch, shape: StaticShape, element: int) -> Batch:
 
     The real molecules keep their indices ``0 .. batch.n_mol - 1``; the padding molecule is molecule
     ``shape.n_mol - 1``. Needs at least two spare atoms (so padding edges have a length) and one spare
-    molecule slot.
+    molecule slot. Padding edges come in reverse pairs when the batch's edges do and their number is even,
+    so the result stays paired.
     """
     n_atoms, n_edges = batch.z.shape[0], batch.edge_src.shape[0]
     pad_atoms, pad_edges = shape.n_atoms - n_atoms, shape.n_edges - n_edges
@@ -109,7 +112,12 @@ def pad_batch(batch: Batch, shape: StaticShape, element: int) -> Batch:
     first_pad = torch.arange(pad_atoms, device=device)
     pad_pos = torch.zeros(pad_atoms, 3, dtype=dtype, device=device)
     pad_pos[:, 0] = first_pad.to(dtype) * PADDING_SPACING
-    step = torch.arange(pad_edges, device=device) % pad_atoms
+    paired = batch.edges_paired and pad_edges % 2 == 0
+    edge = torch.arange(pad_edges, device=device)
+    if paired:  # padding atom p -> p + 1, then back (pair p), for p = 0, 1, ... (cyclic)
+        step, step_to = (edge // 2 + edge % 2) % pad_atoms, (edge // 2 + 1 - edge % 2) % pad_atoms
+    else:  # a ring p -> p + 1
+        step, step_to = edge % pad_atoms, (edge + 1) % pad_atoms
     return Batch(
         z=torch.cat([batch.z, torch.full((pad_atoms,), element, dtype=batch.z.dtype, device=device)]),
         pos=torch.cat([batch.pos, pad_pos]),
@@ -118,5 +126,6 @@ def pad_batch(batch: Batch, shape: StaticShape, element: int) -> Batch:
         ),
         n_mol=shape.n_mol,
         edge_src=torch.cat([batch.edge_src, n_atoms + step]),
-        edge_dst=torch.cat([batch.edge_dst, n_atoms + (step + 1) % pad_atoms]),
+        edge_dst=torch.cat([batch.edge_dst, n_atoms + step_to]),
+        edges_paired=paired,
     )

@@ -27,32 +27,39 @@ def autocast(enabled: bool) -> AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
-def padded_inputs(model: SE3Transformer, batch: Batch, shape: StaticShape) -> tuple[torch.Tensor, ...]:
+def padded_inputs(
+    model: SE3Transformer, batch: Batch, shape: StaticShape, edges_paired: bool
+) -> tuple[torch.Tensor, ...]:
     """``(z, pos, mol_index, edge_src, edge_dst)`` of a CPU ``batch`` padded to ``shape``, its elements
-    checked first (a replay cannot raise)."""
+    and edge order checked first (a replay cannot raise). ``edges_paired``: the edge order the graph was
+    captured with; a paired capture computes radial features once per pair, so it needs paired edges."""
     model.check_elements(batch.z)
     padded = pad_batch(batch, shape, model.config.elements[0])
+    if edges_paired and not padded.edges_paired:
+        raise ValueError("this CUDA graph was captured for paired edges (batches built by collate)")
     return padded.z, padded.pos, padded.mol_index, padded.edge_src, padded.edge_dst
 
 
 def empty_batch(dtype: torch.dtype = torch.float32) -> Batch:
+    """No molecules; its (no) edges count as paired, like those of every batch built by collate."""
     long = torch.zeros(0, dtype=torch.long)
     pos = torch.zeros(0, 3, dtype=dtype)
-    return Batch(z=long, pos=pos, mol_index=long, n_mol=0, edge_src=long, edge_dst=long)
+    return Batch(z=long, pos=pos, mol_index=long, n_mol=0, edge_src=long, edge_dst=long, edges_paired=True)
 
 
 class _TensorForward(nn.Module):
     """The model as a function of plain tensors (what ``make_graphed_callables`` takes):
     ``(z, pos, mol_index, edge_src, edge_dst)`` -> predictions ``[n_mol, T]`` of ``targets``."""
 
-    def __init__(self, model: SE3Transformer, n_mol: int, targets: tuple[str, ...]):
+    def __init__(self, model: SE3Transformer, n_mol: int, targets: tuple[str, ...], edges_paired: bool):
         super().__init__()
         self.model = model
         self.n_mol = n_mol
         self.targets = targets
+        self.edges_paired = edges_paired
 
     def forward(self, z, pos, mol_index, edge_src, edge_dst) -> torch.Tensor:
-        out = self.model(Batch(z, pos, mol_index, self.n_mol, edge_src, edge_dst))
+        out = self.model(Batch(z, pos, mol_index, self.n_mol, edge_src, edge_dst, self.edges_paired))
         return torch.stack([out[t] for t in self.targets], dim=1)
 
 
@@ -67,17 +74,18 @@ class GraphedTraining:
     def __init__(self, model: SE3Transformer, shape: StaticShape, targets: tuple[str, ...], amp: bool):
         self.model, self.shape, self.amp = model, shape, amp
         self.device = next(model.parameters()).device
+        self.edges_paired = pad_batch(empty_batch(), shape, model.config.elements[0]).edges_paired
         sample = self._inputs(empty_batch())
         with autocast(amp):
             self.forward = torch.cuda.make_graphed_callables(
-                _TensorForward(model, shape.n_mol, targets),
+                _TensorForward(model, shape.n_mol, targets, self.edges_paired),
                 sample,
                 num_warmup_iters=_WARMUP_PASSES,
                 allow_unused_input=True,
             )
 
     def _inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
-        tensors = padded_inputs(self.model, batch, self.shape)
+        tensors = padded_inputs(self.model, batch, self.shape, self.edges_paired)
         return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
 
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -106,7 +114,8 @@ class GraphedInference:
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         static = self.static
         targets = (static.z, static.pos, static.mol_index, static.edge_src, static.edge_dst)
-        for target, value in zip(targets, padded_inputs(self.model, batch, self.shape), strict=True):
+        inputs = padded_inputs(self.model, batch, self.shape, static.edges_paired)
+        for target, value in zip(targets, inputs, strict=True):
             target.copy_(value.pin_memory(), non_blocking=True)
         self.graph.replay()
         return {name: value[: batch.n_mol].clone() for name, value in self.outputs.items()}

@@ -2,7 +2,9 @@
 
 A batch concatenates the atoms of several molecules. Edges are directed ``src -> dst`` (messages flow
 from the neighbour ``src = j`` to the receiving atom ``dst = i``), never cross molecules, never loop, and
-join atoms closer than the cutoff. Everything is pure torch without Python loops over molecules.
+join atoms closer than the cutoff. Graphs built here list each edge beside its reverse (edge ``2p + 1`` is
+edge ``2p`` reversed), so that the model computes what depends on the distance alone once per pair.
+Everything is pure torch without Python loops over molecules.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Batch:
     n_mol: int
     edge_src: torch.Tensor  # [n_edges] int64 neighbour j
     edge_dst: torch.Tensor  # [n_edges] int64 receiver i
+    edges_paired: bool = False  # True: edge 2p + 1 is edge 2p reversed (every graph built by collate)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         pos = self.pos.to(device=device, dtype=dtype or self.pos.dtype)
@@ -38,6 +41,7 @@ class Batch:
             n_mol=self.n_mol,
             edge_src=self.edge_src.to(device),
             edge_dst=self.edge_dst.to(device),
+            edges_paired=self.edges_paired,
         )
 
     @property
@@ -53,8 +57,9 @@ def radius_graph(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Directed edges between distinct atoms of the same molecule closer than ``cutoff`` (Å).
 
-    ``mol_index`` must be sorted (atoms of a molecule contiguous). Returns ``(src, dst)``, sorted by
-    ``dst`` then ``src``.
+    ``mol_index`` must be sorted (atoms of a molecule contiguous). Returns ``(src, dst)`` in reverse pairs:
+    edge ``2p`` goes from the higher to the lower atom index of pair p, edge ``2p + 1`` back; pairs are
+    sorted by their lower, then their higher atom index.
     """
     device = pos.device
     n_atoms = pos.shape[0]
@@ -80,9 +85,10 @@ def radius_graph(
         within = torch.arange(dst.numel(), device=device) - run_start
         src = starts[mol_index[dst]] + within
         dist2 = (pos[src] - pos[dst]).pow(2).sum(-1)
-        keep = (src != dst) & (dist2 < cutoff * cutoff)
-        srcs.append(src[keep])
-        dsts.append(dst[keep])
+        keep = (src > dst) & (dist2 < cutoff * cutoff)  # each pair once; its reverse is added below
+        high, low = src[keep], dst[keep]
+        srcs.append(torch.stack([high, low], dim=1).reshape(-1))
+        dsts.append(torch.stack([low, high], dim=1).reshape(-1))
         first = int(dst_atoms[-1]) + 1
     return torch.cat(srcs), torch.cat(dsts)
 
@@ -114,4 +120,12 @@ def collate(
     pos = torch.from_numpy(pos64 - centroids[mol_index_np]).to(dtype)
     mol_index = torch.from_numpy(mol_index_np)
     src, dst = radius_graph(pos, mol_index, n_mol, cutoff)
-    return Batch(z=torch.from_numpy(z), pos=pos, mol_index=mol_index, n_mol=n_mol, edge_src=src, edge_dst=dst)
+    return Batch(
+        z=torch.from_numpy(z),
+        pos=pos,
+        mol_index=mol_index,
+        n_mol=n_mol,
+        edge_src=src,
+        edge_dst=dst,
+        edges_paired=True,
+    )

@@ -10,8 +10,8 @@ import torch
 from conftest import TINY, random_molecule, tiny_train_options
 
 from se3tcli.batching import StaticShape, graph_sizes, pad_batch, size_bounded_batches
-from se3tcli.cuda_graphs import _TensorForward
-from se3tcli.graph import collate
+from se3tcli.cuda_graphs import _TensorForward, padded_inputs
+from se3tcli.graph import Batch, collate
 from se3tcli.model.config import preset
 from se3tcli.model.heads import MU_VECTOR
 from se3tcli.model.transformer import SE3Transformer, UnsupportedElementError
@@ -52,15 +52,22 @@ def test_size_bounded_batches_keep_order_and_budgets() -> None:
         size_bounded_batches(order, atoms, edges, max_atoms=10, max_edges=None, max_molecules=4)
 
 
-def test_padding_leaves_every_real_prediction_unchanged() -> None:
-    """float64: the padded batch predicts the real molecules exactly as the plain batch does."""
+@pytest.mark.parametrize("spare_edges", [11, 12])
+def test_padding_leaves_every_real_prediction_unchanged(spare_edges: int) -> None:
+    """float64: the padded batch predicts the real molecules exactly as the plain batch does; an even
+    number of padding edges keeps the edges paired, an odd one falls back to unpaired edges."""
     torch.manual_seed(0)
     model = SE3Transformer(preset("small", **TINY, targets=("mu", "homo", "U0"))).double().eval()
     batch = collate(_molecules(5, seed=2), 5.0, dtype=torch.float64)
     shape = StaticShape(
-        n_atoms=batch.z.numel() + 7, n_edges=batch.edge_src.numel() + 11, n_mol=batch.n_mol + 3
+        n_atoms=batch.z.numel() + 7, n_edges=batch.edge_src.numel() + spare_edges, n_mol=batch.n_mol + 3
     )
     padded = pad_batch(batch, shape, element=1)
+    assert padded.edges_paired == (spare_edges % 2 == 0)
+    if padded.edges_paired:
+        assert torch.equal(padded.edge_src[0::2], padded.edge_dst[1::2])
+        assert torch.equal(padded.edge_dst[0::2], padded.edge_src[1::2])
+    assert not bool((padded.edge_src == padded.edge_dst).any())
     assert (padded.z.numel(), padded.edge_src.numel(), padded.n_mol) == (
         shape.n_atoms,
         shape.n_edges,
@@ -74,8 +81,27 @@ def test_padding_leaves_every_real_prediction_unchanged() -> None:
         torch.testing.assert_close(through_padding[name][: batch.n_mol], plain[name], rtol=1e-12, atol=1e-12)
     tensors = (padded.z, padded.pos, padded.mol_index, padded.edge_src, padded.edge_dst)
     with torch.no_grad():
-        stacked = _TensorForward(model, shape.n_mol, ("homo", "U0"))(*tensors)
+        stacked = _TensorForward(model, shape.n_mol, ("homo", "U0"), padded.edges_paired)(*tensors)
     torch.testing.assert_close(stacked[: batch.n_mol], torch.stack([plain["homo"], plain["U0"]], 1))
+
+
+def test_static_shapes_for_a_budget_keep_edges_paired() -> None:
+    for max_edges in (99, 100):
+        shape = StaticShape.for_budget(max_atoms=20, max_edges=max_edges, max_molecules=4)
+        assert shape.n_edges % 2 == 0 and shape.n_edges > max_edges
+
+
+def test_graph_inputs_keep_the_edge_order_of_the_capture() -> None:
+    """A graph captured for paired edges computes radial features once per pair: it refuses other batches."""
+    model = SE3Transformer(preset("small", **TINY))
+    batch = collate(_molecules(4), 5.0)
+    shape = StaticShape.for_budget(batch.z.numel(), batch.edge_src.numel(), batch.n_mol)
+    src, dst = padded_inputs(model, batch, shape, edges_paired=True)[3:]
+    assert torch.equal(src[0::2], dst[1::2]) and torch.equal(dst[0::2], src[1::2])
+    unpaired = Batch(batch.z, batch.pos, batch.mol_index, batch.n_mol, batch.edge_src, batch.edge_dst)
+    with pytest.raises(ValueError, match="paired edges"):
+        padded_inputs(model, unpaired, shape, edges_paired=True)
+    assert len(padded_inputs(model, unpaired, shape, edges_paired=False)) == 5
 
 
 def test_padding_refuses_a_batch_that_does_not_fit() -> None:

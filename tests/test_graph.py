@@ -47,8 +47,11 @@ def check_graph(batch: graph.Batch, cutoff: float) -> None:
     assert len(edges) == src.numel(), "duplicate edges"
     assert edges == {(d, s) for s, d in edges}, "edges must be directed both ways"
     assert edges == brute_force_edges(batch.pos.double().numpy(), mol.numpy(), cutoff)
-    # documented order: sorted by dst, then src
-    key = dst * max(batch.pos.shape[0], 1) + src
+    # documented order: reverse pairs (higher -> lower atom, then back), sorted by lower, then higher atom
+    assert batch.edges_paired and src.numel() % 2 == 0
+    assert torch.equal(src[0::2], dst[1::2]) and torch.equal(dst[0::2], src[1::2])
+    assert bool((src[0::2] > dst[0::2]).all())
+    key = dst[0::2] * max(batch.pos.shape[0], 1) + src[0::2]
     assert bool((key[1:] > key[:-1]).all())
 
 

@@ -104,7 +104,16 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def graph_batch(z: torch.Tensor, positions: torch.Tensor, mol_index: torch.Tensor, n_mol: int, cutoff: float):
     src, dst = radius_graph(positions, mol_index, n_mol, cutoff)
-    return Batch(z=z, pos=positions, mol_index=mol_index, n_mol=n_mol, edge_src=src, edge_dst=dst)
+    return Batch(z, positions, mol_index, n_mol, edge_src=src, edge_dst=dst, edges_paired=True)
+
+
+def with_edge_order(batch: Batch, paired: bool, seed: int = 5) -> Batch:
+    """``batch`` as built (reverse pairs), or with its edges shuffled and marked unpaired."""
+    if paired:
+        return batch
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(batch.edge_src.numel()))
+    src, dst = batch.edge_src[order], batch.edge_dst[order]
+    return Batch(batch.z, batch.pos, batch.mol_index, batch.n_mol, edge_src=src, edge_dst=dst)
 
 
 class _GeometryAdapter(torch.nn.Module):
@@ -344,13 +353,16 @@ def test_one_atom_molecule(float64: None) -> None:
 
 
 @pytest.mark.parametrize(
-    "kernel, self_interaction, nonlinearity",
-    list(itertools.product(["depthwise", "full"], ["linear", "attentive"], ["norm", "gate"])),
+    "kernel, self_interaction, nonlinearity, paired",
+    [(*c, True) for c in itertools.product(["depthwise", "full"], ["linear", "attentive"], ["norm", "gate"])]
+    + [("depthwise", "linear", "norm", False), ("full", "attentive", "gate", False)],
 )
-def test_fast_path_matches_e3nn_oracle(float64: None, kernel: str, self_interaction: str, nonlinearity: str):
+def test_fast_path_matches_e3nn_oracle(
+    float64: None, kernel: str, self_interaction: str, nonlinearity: str, paired: bool
+):
     config = TINY.replace(kernel=kernel, self_interaction=self_interaction, nonlinearity=nonlinearity)
     model = make_model(config)
-    batch = collate(molecules(7, sizes=(8, 5)), config.cutoff, dtype=torch.float64)
+    batch = with_edge_order(collate(molecules(7, sizes=(8, 5)), config.cutoff, dtype=torch.float64), paired)
     with torch.no_grad():
         fast = model(batch)
         model.use_reference(True)
@@ -366,6 +378,33 @@ def test_fast_path_matches_e3nn_oracle(float64: None, kernel: str, self_interact
     assert all(layer.attention.use_reference is False for layer in model.layers)
     assert max_rel_diff(fast, oracle) < 1e-10
     assert float((conv_fast - conv_oracle).abs().max() / conv_oracle.abs().max()) < 1e-10
+
+
+def _loss_gradients(model: SE3Transformer, batch: Batch) -> dict[str, torch.Tensor]:
+    """Gradients of a loss over every output with respect to the parameters and the atom positions."""
+    model.zero_grad(set_to_none=True)
+    positions = batch.pos.clone().requires_grad_(True)
+    moved = Batch(
+        batch.z, positions, batch.mol_index, batch.n_mol, batch.edge_src, batch.edge_dst, batch.edges_paired
+    )
+    sum((v - 0.3).pow(2).sum() for v in model(moved).values()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return grads | {"positions": positions.grad}
+
+
+@pytest.mark.parametrize("kernel, paired", [("depthwise", True), ("depthwise", False), ("full", True)])
+def test_fast_path_gradients_match_e3nn_oracle(float64: None, kernel: str, paired: bool) -> None:
+    """Training's custom backward (and the shared radial rows of reverse pairs): the gradients of every
+    parameter and of the positions (forces) equal the oracle's."""
+    model = make_model(TINY.replace(kernel=kernel)).train()
+    batch = with_edge_order(collate(molecules(3, sizes=(7, 4)), TINY.cutoff, dtype=torch.float64), paired)
+    fast = _loss_gradients(model, batch)
+    model.use_reference(True)
+    oracle = _loss_gradients(model, batch)
+    assert fast.keys() == oracle.keys() and "positions" in fast
+    for name, grad in oracle.items():
+        scale = max(float(grad.abs().max()), 1e-6)
+        assert float((fast[name] - grad).abs().max()) / scale < 1e-9, name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -615,3 +654,20 @@ def test_unsupported_element_raises(numbers: list[int]) -> None:
     with pytest.raises(UnsupportedElementError, match=str(bad[0])):
         predict(model, [random_molecule(rng, 3), (np.array(numbers), pos)], torch.float32)
     assert issubclass(UnsupportedElementError, ValueError)
+
+
+@pytest.mark.parametrize("kernel", ["depthwise", "full"])
+def test_fast_path_runs_under_bf16_autocast(kernel: str) -> None:
+    """GPU training uses bf16 autocast: on the CPU's autocast the fast path (and its custom backward) mixes
+    bf16 products with float32 geometry without dtype errors and stays near float32."""
+    model = SE3Transformer(TINY.replace(kernel=kernel)).train()
+    batch = collate(molecules(4), TINY.cutoff)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(batch)
+    sum(v.float().pow(2).mean() for v in mixed.values()).backward()
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    with torch.no_grad():
+        plain = model(batch)
+    for name, value in plain.items():
+        error = float((mixed[name].detach().float() - value).abs().max())
+        assert error <= 0.2 * max(float(value.abs().max()), 1.0), name

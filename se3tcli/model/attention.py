@@ -110,7 +110,8 @@ class EquivariantAttention(nn.Module):
         layer = None if self.use_reference else self.key_value.term_layer()
         block = max(n_edges, 1)
         if layer is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
-            block = max(_MIN_EDGE_BLOCK, _CPU_BLOCK_ELEMENTS // layer[0].shape[0])
+            per_edge = max(layer[0].shape[0], self.key_value.terms_per_edge)  # the largest intermediate's
+            block = max(_MIN_EDGE_BLOCK, _CPU_BLOCK_ELEMENTS // per_edge // 2 * 2)  # whole reverse pairs
         logits, values = [], []
         for first in range(0, max(n_edges, 1), block):
             part = geometry[first : first + block]

@@ -6,7 +6,6 @@ Feature layout everywhere in the model: ``[n, channels, (lmax + 1)**2]``; degree
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -229,18 +228,40 @@ class EdgeFrames:
 
 @dataclass
 class EdgeGeometry:
-    """Everything about the edges that the layers share in one forward pass."""
+    """Everything about the edges that the layers share in one forward pass.
+
+    With ``paired`` edges (edge ``2p + 1`` is edge ``2p`` reversed) the radial features, a function of
+    the length alone, have one row per pair: ``radial[p]`` belongs to edges ``2p`` and ``2p + 1``.
+    """
 
     src: torch.Tensor  # [E] neighbour j
     dst: torch.Tensor  # [E] receiver i
     length: torch.Tensor  # [E] Å
     envelope: torch.Tensor  # [E] in [0, 1], smooth cutoff
-    radial: torch.Tensor  # [E, radial_hidden] output of the shared radial network (envelope applied)
+    radial: torch.Tensor  # [E, radial_hidden] ([E/2, ...] if paired): shared radial network, envelope applied
     sh: torch.Tensor  # [E, (jmax+1)**2] spherical harmonics of x̂ = (x_j - x_i)/|x_j - x_i|
     frames: EdgeFrames  # the edge frames of the angular basis
+    paired: bool = False
+
+    @property
+    def edge_radial(self) -> torch.Tensor:  # [E, radial_hidden]: one row per edge, paired or not
+        return self.radial.repeat_interleave(2, dim=0) if self.paired else self.radial
 
     def __getitem__(self, edges: slice) -> EdgeGeometry:
-        """The geometry of a contiguous block of edges."""
+        """The geometry of a contiguous block of edges; paired edges split between pairs only."""
+        start, stop, step = edges.indices(self.src.shape[0])
+        rows = edges
+        if self.paired:
+            if step != 1 or start % 2 or stop % 2:
+                raise ValueError(f"a block of paired edges must hold whole pairs, not {edges}")
+            rows = slice(start // 2, stop // 2)
         return EdgeGeometry(
-            *(getattr(self, f.name)[edges] for f in dataclasses.fields(self)),  # type: ignore[arg-type]
+            self.src[edges],
+            self.dst[edges],
+            self.length[edges],
+            self.envelope[edges],
+            self.radial[rows],
+            self.sh[edges],
+            self.frames[edges],
+            self.paired,
         )

@@ -3,9 +3,10 @@
 ``W^{l_out l_in}(x) = Σ_J φ_J(|x|) Σ_m C^{l_in J l_out} Y_J,m(x̂)``. The fast path works in each edge's own
 frame (see :class:`~se3tcli.model.basis.AngularBasis`): rotate the neighbour features into it
 (``rotate_in``, one batched product), scale each of the T frame terms by its coefficient, rotate back and
-sum into output degrees (``rotate_out``, one more batched product). The term coefficients come from one
-matrix product of the shared radial features with the radial layer's weights mapped to terms (``path
-weights @ term_weights``, folded into the weights once per call), so path weights are never materialised.
+sum into output degrees (``rotate_out``, one more batched product). The S frame coefficients (terms ``±|m|``
+share one) come from one matrix product of the shared radial features with the radial layer's weights
+mapped to coefficients (``path weights @ term_weights``, folded into the weights once per call), so path
+weights are never materialised; the two edges of a reverse pair share them too.
 Features are channels-last inside (``[E, D, C]``), which puts the long dimension last in every product.
 Kernel modes:
 
@@ -29,36 +30,63 @@ from torch.autograd.function import once_differentiable
 from se3tcli.model.basis import AngularBasis, EdgeGeometry, feature_irreps, from_e3nn, to_e3nn
 
 
+def _frame_terms(coefficients: torch.Tensor, x_frame: torch.Tensor, group: int, n_axial: int) -> torch.Tensor:
+    """Frame coefficients ``[R, S, K, C]`` times the rotated input ``x_frame [E, T, C]`` -> terms
+    ``[E, T, K*C]``. Term ``t < S`` uses coefficient t and term ``S + i`` (a ``-|m|`` term) coefficient
+    ``n_axial + i`` (see :class:`~se3tcli.model.basis.AngularBasis`). ``E = group · R``: the ``group``
+    consecutive edges of a row (1, or 2 for a reverse pair) share its coefficients."""
+    n_rows, n_coef, k, c = coefficients.shape
+    n_terms = x_frame.shape[1]
+    x_rows = x_frame.view(n_rows, group, n_terms, 1, c)
+    dtype = torch.promote_types(coefficients.dtype, x_frame.dtype)
+    terms = x_frame.new_empty(n_rows, group, n_terms, k, c, dtype=dtype)
+    torch.mul(coefficients[:, None], x_rows[:, :, :n_coef], out=terms[:, :, :n_coef])  # terms +|m|
+    torch.mul(coefficients[:, None, n_axial:], x_rows[:, :, n_coef:], out=terms[:, :, n_coef:])  # -|m|
+    return terms.view(-1, n_terms, k * c)
+
+
 class _DepthwiseFrameProduct(torch.autograd.Function):
-    """``rotate_out @ (coefficients ⊙ x_frame)``: ``[E, T, K, C]``, ``[E, T, C]``, ``[E, D, T]`` ->
-    ``[E, D, K, C]``. The backward reuses its buffers where autograd's would materialise two more
-    ``[E, T, K, C]`` products and a broadcast reduction (the largest tensors of a training step)."""
+    """``rotate_out @ terms``: coefficients ``[R, S, K, C]``, ``x_frame [E, T, C]``, ``rotate_out [E, D, T]``
+    -> ``[E, D, K, C]`` (terms as in :func:`_frame_terms`). The backward reuses its buffers where
+    autograd's would materialise more ``[E, T, K, C]`` products and broadcast reductions (the largest
+    tensors of a training step)."""
 
     @staticmethod
-    def forward(ctx, coefficients: torch.Tensor, x_frame: torch.Tensor, rotate_out: torch.Tensor):
+    def forward(ctx, coefficients, x_frame, rotate_out, group: int, n_axial: int):
         ctx.save_for_backward(coefficients, x_frame, rotate_out)
-        n_edges, n_terms, k, c = coefficients.shape
-        terms = (coefficients * x_frame[:, :, None]).view(n_edges, n_terms, k * c)
-        return torch.bmm(rotate_out, terms).view(n_edges, rotate_out.shape[1], k, c)
+        ctx.group, ctx.n_axial = group, n_axial
+        terms = _frame_terms(coefficients, x_frame, group, n_axial)
+        k, c = coefficients.shape[2:]
+        return torch.bmm(rotate_out, terms).view(x_frame.shape[0], rotate_out.shape[1], k, c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         coefficients, x_frame, rotate_out = ctx.saved_tensors
-        n_edges, n_terms, k, c = coefficients.shape
-        grad_out = grad_out.reshape(n_edges, -1, k * c)  # [E, D, K*C]
+        group, n_axial = ctx.group, ctx.n_axial
+        n_rows, n_coef, k, c = coefficients.shape
+        n_terms = x_frame.shape[1]
+        x_rows = x_frame.view(n_rows, group, n_terms, 1, c)
+        grad_out = grad_out.reshape(x_frame.shape[0], -1, k * c)  # [E, D, K*C]
         rotate_back = rotate_out.transpose(1, 2).to(grad_out.dtype)  # [E, T, D]; autocast is off in backward
-        grad_terms = torch.bmm(rotate_back, grad_out).view(n_edges, n_terms, k, c)
-        grad_x = grad_rotate = None
+        grad_terms = torch.bmm(rotate_back, grad_out).view(n_rows, group, n_terms, k, c)
+        grad_x = grad_rotate = grad_coefficients = None
         if ctx.needs_input_grad[1]:
-            grad_x = torch.zeros_like(x_frame)  # [E, T, C]
+            grad_x = x_frame.new_zeros(n_rows, group, n_terms, c)
             for kernel in range(k):
-                grad_x.addcmul_(grad_terms[:, :, kernel], coefficients[:, :, kernel])
+                coefficient = coefficients[:, None, :, kernel]  # [R, 1, S, C]
+                grad_x[:, :, :n_coef].addcmul_(grad_terms[:, :, :n_coef, kernel], coefficient)
+                grad_x[:, :, n_coef:].addcmul_(grad_terms[:, :, n_coef:, kernel], coefficient[:, :, n_axial:])
+            grad_x = grad_x.view_as(x_frame)
         if ctx.needs_input_grad[2]:
-            terms = (coefficients * x_frame[:, :, None]).view(n_edges, n_terms, k * c)
+            terms = _frame_terms(coefficients, x_frame, group, n_axial)
             grad_rotate = torch.bmm(grad_out, terms.transpose(1, 2))
-        grad_coefficients = grad_terms.mul_(x_frame[:, :, None]) if ctx.needs_input_grad[0] else None
-        return grad_coefficients, grad_x, grad_rotate
+        if ctx.needs_input_grad[0]:
+            per_term = grad_terms.mul_(x_rows)  # [R, group, T, K, C]
+            per_term = per_term[:, 0] if group == 1 else per_term.sum(1)  # [R, T, K, C]
+            grad_coefficients = per_term[:, :n_coef].clone()
+            grad_coefficients[:, n_axial:] += per_term[:, n_coef:]
+        return grad_coefficients, grad_x, grad_rotate, None, None
 
 
 class EdgeConvolution(nn.Module):
@@ -82,26 +110,32 @@ class EdgeConvolution(nn.Module):
         self.radial = nn.Linear(radial_hidden, n_kernels * per_kernel)
         self._reference_cache: dict = {}  # a plain dict: not a submodule, so never in the state dict
 
+    @property
+    def terms_per_edge(self) -> int:  # numbers per edge in the terms of all kernels, [E, T, K, C]
+        return self.angular.n_terms * self.n_kernels * self.channels
+
     def path_weights(self, geometry: EdgeGeometry) -> torch.Tensor:
         """Radial weights: depthwise ``[E, K, C, P]``; full ``[E, K, P, C_out, C_in]`` (P = paths)."""
-        n_edges, n_paths, c = geometry.radial.shape[0], len(self.angular.paths), self.channels
-        w = self.radial(geometry.radial)
+        radial = geometry.edge_radial
+        n_edges, n_paths, c = radial.shape[0], len(self.angular.paths), self.channels
+        w = self.radial(radial)
         if self.kernel == "depthwise":
             return w.reshape(n_edges, self.n_kernels, c, n_paths) * self.path_norm
         return w.reshape(n_edges, self.n_kernels, n_paths, c, c) * self.path_norm[:, None, None]
 
     def term_layer(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The radial layer mapped from path weights to frame-term coefficients: ``(weight [rows, H], bias
-        [rows])`` with rows ordered (term, kernel, channel) for depthwise kernels and (coefficient, input
-        channel, kernel, output channel) for full ones."""
+        """The radial layer mapped from path weights to frame coefficients (one per ``(l_in, l_out, |m|)``:
+        the terms ``±|m|`` share it): ``(weight [rows, H], bias [rows])`` with rows ordered (coefficient,
+        kernel, channel) for depthwise kernels and (coefficient, input channel, kernel, output channel) for
+        full ones."""
         k, c, n_paths = self.n_kernels, self.channels, len(self.angular.paths)
         weight, bias = self.radial.weight, self.radial.bias  # [rows, H], [rows] ordered as in path_weights
         to_terms = self.angular.term_weights.to(weight.dtype) * self.path_norm[:, None]  # [P, T]
+        to_terms = to_terms[:, : self.angular.n_coefficients]  # [P, S]: terms t < S, one per coefficient
         if self.kernel == "depthwise":
-            weight = torch.einsum("kcph,pt->tkch", weight.view(k, c, n_paths, -1), to_terms)
-            bias = torch.einsum("kcp,pt->tkc", bias.view(k, c, n_paths), to_terms)
+            weight = torch.einsum("kcph,ps->skch", weight.view(k, c, n_paths, -1), to_terms)
+            bias = torch.einsum("kcp,ps->skc", bias.view(k, c, n_paths), to_terms)
         else:
-            to_terms = to_terms[:, : self.angular.n_coefficients]  # one per coefficient; ±|m| share it
             weight = torch.einsum("kpoih,ps->sikoh", weight.view(k, n_paths, c, c, -1), to_terms)
             bias = torch.einsum("kpoi,ps->siko", bias.view(k, n_paths, c, c), to_terms)
         return weight.reshape(-1, weight.shape[-1]), bias.reshape(-1)
@@ -120,23 +154,27 @@ class EdgeConvolution(nn.Module):
         """Neighbour features ``[E, D, C]`` -> kernel outputs ``[E, D, K, C]``. ``layer``: this module's
         :meth:`term_layer`, when the caller convolves several blocks of edges with it."""
         frames = geometry.frames
-        n_edges, n_terms, k, c = x_src.shape[0], self.angular.n_terms, self.n_kernels, self.channels
+        n_edges, k, c = x_src.shape[0], self.n_kernels, self.channels
+        group = 2 if geometry.paired else 1  # edges per row of radial features (a reverse pair shares one)
+        n_coef, n_axial = self.angular.n_coefficients, self.angular.n_axial
         weight, bias = self.term_layer() if layer is None else layer  # [rows, H], [rows]
-        coefficients = torch.addmm(bias, geometry.radial, weight.t())  # [E, rows]
+        coefficients = torch.addmm(bias, geometry.radial, weight.t())  # [E / group, rows]
+        n_rows = coefficients.shape[0]
         x_frame = torch.bmm(frames.rotate_in, x_src)  # [E, T, C]: the input component of every term
         if self.kernel == "depthwise":
-            coefficients = coefficients.view(n_edges, n_terms, k, c)
+            coefficients = coefficients.view(n_rows, n_coef, k, c)
             if torch.is_grad_enabled():
-                return _DepthwiseFrameProduct.apply(coefficients, x_frame, frames.rotate_out)
-            terms = coefficients.mul_(x_frame[:, :, None])  # [E, T, K, C], in place: one large tensor fewer
+                return _DepthwiseFrameProduct.apply(coefficients, x_frame, frames.rotate_out, group, n_axial)
+            terms = _frame_terms(coefficients, x_frame, group, n_axial)  # [E, T, K*C]
         else:
             # Per coefficient s, the input channels of its term +|m| and (zero for |m| = 0) of its term -|m|.
-            n_coef, n_axial = self.angular.n_coefficients, self.angular.n_axial
             minus = torch.cat([x_frame.new_zeros(n_edges, n_axial, c), x_frame[:, n_coef:]], dim=1)
             pairs = torch.stack([x_frame[:, :n_coef], minus], dim=2)  # [E, S, 2, C_in]
-            both = torch.matmul(pairs, coefficients.view(n_edges, n_coef, c, k * c))  # [E, S, 2, K*C_out]
+            pairs = pairs.view(n_rows, group, n_coef, 2, c)
+            per_row = coefficients.view(n_rows, 1, n_coef, c, k * c)
+            both = torch.matmul(pairs, per_row).view(n_edges, n_coef, 2, k * c)  # [E, S, 2, K*C_out]
             terms = torch.cat([both[:, :, 0], both[:, n_axial:, 1]], dim=1)  # [E, T, K*C_out]
-        out = torch.bmm(frames.rotate_out, terms.reshape(n_edges, n_terms, k * c))  # [E, D, K*C]
+        out = torch.bmm(frames.rotate_out, terms)  # [E, D, K*C]
         return out.view(n_edges, out.shape[1], k, c)
 
     def reference(self, x_src: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:

@@ -91,9 +91,11 @@ class SE3Transformer(nn.Module):
         length = vectors.norm(dim=1)  # [E]
         unit = vectors / length.clamp_min(1e-9)[:, None]
         envelope = self.radial_basis.envelope(length)
-        radial = self.radial_net(self.radial_basis(length)) * envelope[:, None]
+        # Reverse pairs share their length: the radial features once per pair (edges 2p and 2p + 1).
+        pair = slice(None, None, 2) if batch.edges_paired else slice(None)
+        radial = self.radial_net(self.radial_basis(length[pair])) * envelope[pair, None]
         sh = self.angular.spherical_harmonics(unit)
-        return EdgeGeometry(src, dst, length, envelope, radial, sh, self.angular(sh))
+        return EdgeGeometry(src, dst, length, envelope, radial, sh, self.angular(sh), batch.edges_paired)
 
     def check_elements(self, z: torch.Tensor) -> None:
         """Raise :class:`UnsupportedElementError` for atomic numbers ``z`` (any device) the model lacks."""

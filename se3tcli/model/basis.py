@@ -244,8 +244,12 @@ class EdgeGeometry:
     paired: bool = False
 
     @property
+    def edges_per_row(self) -> int:  # consecutive edges sharing a row of ``radial``: 2 for reverse pairs
+        return 2 if self.paired else 1
+
+    @property
     def edge_radial(self) -> torch.Tensor:  # [E, radial_hidden]: one row per edge, paired or not
-        return self.radial.repeat_interleave(2, dim=0) if self.paired else self.radial
+        return self.radial.repeat_interleave(self.edges_per_row, dim=0) if self.paired else self.radial
 
     def __getitem__(self, edges: slice) -> EdgeGeometry:
         """The geometry of a contiguous block of edges; paired edges split between pairs only."""

@@ -155,7 +155,7 @@ class EdgeConvolution(nn.Module):
         :meth:`term_layer`, when the caller convolves several blocks of edges with it."""
         frames = geometry.frames
         n_edges, k, c = x_src.shape[0], self.n_kernels, self.channels
-        group = 2 if geometry.paired else 1  # edges per row of radial features (a reverse pair shares one)
+        group = geometry.edges_per_row
         n_coef, n_axial = self.angular.n_coefficients, self.angular.n_axial
         weight, bias = self.term_layer() if layer is None else layer  # [rows, H], [rows]
         coefficients = torch.addmm(bias, geometry.radial, weight.t())  # [E / group, rows]

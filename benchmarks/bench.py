@@ -5,7 +5,9 @@ once up front, then for each implementation (``fast``; ``reference``: every conv
 ``e3nn.o3.TensorProduct``, ``model.use_reference(True)``) and mode it measures molecules/s:
 
 * ``train``: forward, L1 loss on all targets, backward and an AdamW step;
-* ``infer``: forward under ``torch.inference_mode``;
+* ``infer``: forward under ``torch.inference_mode`` (on the CPU the fast path's attention layers then run
+  the fused C kernel of ``se3tcli.model.fused_cpu``, where it could be built: ``cpu_attention_kernel`` in the
+  JSON says which; ``SE3T_FUSED_CPU=0`` turns it off);
 
 after warm-up steps, as the median of interleaved repeats (``torch.cuda.synchronize`` around every timed
 block on GPU), and the peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the warm-up and one step,
@@ -50,6 +52,7 @@ sys.path.insert(0, str(ROOT))  # measure the checkout this file belongs to, inst
 from se3tcli.batching import StaticShape  # noqa: E402
 from se3tcli.data.qm9 import QM9Unavailable, load_qm9  # noqa: E402
 from se3tcli.graph import Batch, collate  # noqa: E402
+from se3tcli.model import fused_cpu  # noqa: E402
 from se3tcli.model.basis import AngularBasis  # noqa: E402
 from se3tcli.model.config import PRESETS, ModelConfig, preset  # noqa: E402
 from se3tcli.model.transformer import SE3Transformer  # noqa: E402
@@ -435,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict:
         "amp": args.amp,
         "tf32": device.type == "cuda",
         "threads": torch.get_num_threads(),
+        # CPU inference of the fast path: the fused C kernel where it could be built, else PyTorch
+        "cpu_attention_kernel": "fused C" if fused_cpu.kernel_library() is not None else "PyTorch",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "e3nn": _version("e3nn"),

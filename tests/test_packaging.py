@@ -1,4 +1,4 @@
-"""The wheel carries the bundled models and the sample molecules, and the entry point runs."""
+"""The wheel carries the bundled models, the sample molecules and the kernel source; the entry point runs."""
 
 import subprocess
 import sys
@@ -41,6 +41,7 @@ def test_wheel_carries_models_and_samples(wheel):
     for name in ("qm9_sample.sdf", "qm9_sample.xyz", "drugs.smi", "bad.sdf"):
         assert f"se3tcli/samples/{name}" in names
     assert "se3tcli/cli.py" in names
+    assert "se3tcli/model/fused_attention.c" in names  # the CPU kernel is compiled from it on first use
 
 
 def test_installed_entry_point_help():

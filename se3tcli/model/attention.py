@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from se3tcli.model import fused_cpu
 from se3tcli.model.basis import AngularBasis, EdgeGeometry, degree_slice, polynomial_envelope
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.convolution import EdgeConvolution
@@ -129,6 +130,17 @@ class EquivariantAttention(nn.Module):
         return segment_softmax(logits, geometry.dst, x.shape[0], weight=geometry.envelope), values
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
+        fused = not self.use_reference and self.key_value.kernel == "depthwise" and fused_cpu.applies(x)
+        aggregated = self._aggregate_fused(x, geometry) if fused else self._aggregate(x, geometry)
+        aggregated = aggregated.transpose(1, 2)  # [n, D, C] -> [n, C, D]
+        gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
+        aggregated = aggregated * gate[:, None, None]
+        if self.value_mix is not None:
+            aggregated = self.value_mix(aggregated)
+        return self.self_interaction(x) + aggregated
+
+    def _aggregate(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+        """``Σ_j α_ij v_ij``, channels last ``[n, D, C]``, with PyTorch operations."""
         alpha, values = self._attend(x, geometry)
         n_nodes, c, dim = x.shape
         alpha = alpha.repeat_interleave(c // self.n_heads, dim=1)  # [E, C]: each channel's head weight
@@ -139,9 +151,25 @@ class EquivariantAttention(nn.Module):
             first = edges.stop
             messages = block * alpha[edges, None]  # [B, D, C] contiguous: index_add_ is slow on strided input
             aggregated.index_add_(0, geometry.dst[edges], messages)
-        aggregated = aggregated.transpose(1, 2)  # [n, C, D]
-        gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
-        aggregated = aggregated * gate[:, None, None]
-        if self.value_mix is not None:
-            aggregated = self.value_mix(aggregated)
-        return self.self_interaction(x) + aggregated
+        return aggregated
+
+    def _aggregate_fused(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+        """The same as :meth:`_aggregate` through the fused CPU kernel (inference)."""
+        layer = self.key_value.term_layer()  # (weight [S·2·C, H], bias)
+        rows_per_block = max(1, fused_cpu.BLOCK_COEFFICIENTS // layer[0].shape[0])
+        key = ("receiver_blocks", rows_per_block)
+        if key not in geometry.derived:  # the same for every layer of a forward pass
+            geometry.derived[key] = fused_cpu.receiver_blocks(
+                geometry.dst, x.shape[0], geometry.edges_per_row, rows_per_block
+            )
+        angular = self.key_value.angular
+        return fused_cpu.attention(
+            fused_cpu.kernel_library(),
+            layer,
+            features=x.transpose(1, 2).contiguous(),
+            queries=self.query(x).transpose(1, 2).contiguous(),
+            geometry=geometry,
+            blocks=geometry.derived[key],
+            n_heads=self.n_heads,
+            tables=(angular.term_rows_in, angular.term_rows_out, angular.n_coefficients, angular.n_axial),
+        )

@@ -7,7 +7,7 @@ Feature layout everywhere in the model: ``[n, channels, (lmax + 1)**2]``; degree
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from e3nn import o3
@@ -210,6 +210,7 @@ class AngularBasis(nn.Module):
                 rotation = torch.stack([first, axis, torch.cross(first, axis, dim=1)], dim=1)  # R x̂ = ŷ
             wigner = self.wigner(rotation)  # [E, D, D]
             return EdgeFrames(
+                wigner=wigner,
                 rotate_in=wigner.index_select(1, self.term_rows_in),
                 rotate_out=wigner.index_select(1, self.term_rows_out).transpose(1, 2).contiguous(),
             )
@@ -219,11 +220,12 @@ class AngularBasis(nn.Module):
 class EdgeFrames:
     """Per-edge rotations into the frame where the edge points along ŷ, restricted to the kernel terms."""
 
+    wigner: torch.Tensor  # [E, D, D]: D(R_e), block diagonal by degree
     rotate_in: torch.Tensor  # [E, T, D]: row t = the row of D(R_e) that term t reads
     rotate_out: torch.Tensor  # [E, D, T]: column t = the row of D(R_e) that term t writes, transposed
 
     def __getitem__(self, edges: slice) -> EdgeFrames:
-        return EdgeFrames(self.rotate_in[edges], self.rotate_out[edges])
+        return EdgeFrames(self.wigner[edges], self.rotate_in[edges], self.rotate_out[edges])
 
 
 @dataclass
@@ -242,6 +244,7 @@ class EdgeGeometry:
     sh: torch.Tensor  # [E, (jmax+1)**2] spherical harmonics of x̂ = (x_j - x_i)/|x_j - x_i|
     frames: EdgeFrames  # the edge frames of the angular basis
     paired: bool = False
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # what layers share, made once
 
     @property
     def edges_per_row(self) -> int:  # consecutive edges sharing a row of ``radial``: 2 for reverse pairs

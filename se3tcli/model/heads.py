@@ -43,7 +43,9 @@ class Readout(nn.Module):
         self.register_buffer("atom_refs", torch.zeros(len(config.elements), n))  # per element
         if self.use_dipole:
             self.charge = nn.Linear(c, 1, bias=False)  # a bias would cancel in the neutrality shift
-            self.atomic_dipole = nn.Linear(c, 1, bias=False)  # mixes the l=1 channels (no bias: equivariant)
+            # Atomic dipoles mix the l=1 channels (no bias: equivariant); without them (lmax 0) the dipole
+            # comes from the partial charges alone.
+            self.atomic_dipole = nn.Linear(c, 1, bias=False) if config.lmax >= 1 else None
 
     def forward(self, h: torch.Tensor, element: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """``h [n_atoms, C, D]`` -> ``{target: [n_mol]}`` (and ``mu_vector [n_mol, 3]``)."""
@@ -61,8 +63,10 @@ class Readout(nn.Module):
         if self.use_dipole:
             charges = self.charge(scalars).squeeze(1)  # [n_atoms] e
             charges = charges - (scatter_sum(charges, mol, n_mol) / counts)[mol]  # neutral molecules
-            vectors = self.atomic_dipole(h[:, :, degree_slice(1)].transpose(1, 2)).squeeze(2)  # [n_atoms, 3]
-            dipole = scatter_sum(E_ANGSTROM_TO_DEBYE * charges[:, None] * batch.pos + vectors, mol, n_mol)
+            dipoles = E_ANGSTROM_TO_DEBYE * charges[:, None] * batch.pos  # [n_atoms, 3] D
+            if self.atomic_dipole is not None:
+                dipoles = dipoles + self.atomic_dipole(h[:, :, degree_slice(1)].transpose(1, 2)).squeeze(2)
+            dipole = scatter_sum(dipoles, mol, n_mol)
             out[MU_VECTOR] = dipole  # [n_mol, 3] D
             out["mu"] = torch.sqrt(dipole.pow(2).sum(-1) + 1e-12)
         return out

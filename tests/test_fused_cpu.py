@@ -1,0 +1,166 @@
+"""The fused CPU attention kernel (se3tcli/model/fused_cpu.py, fused_attention.c): it computes what the
+PyTorch path computes (float64, several receiver blocks, both edge orders), its receiver blocks own their
+edges, and the model falls back to PyTorch where the kernel is turned off or cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_molecule  # noqa: I001 - the tests folder's shared helpers
+from e3nn.util.test import assert_equivariant
+from test_model import ModelAdapter, make_model, max_rel_diff, with_edge_order
+
+from se3tcli.graph import collate
+from se3tcli.model import fused_cpu
+from se3tcli.model.config import ModelConfig
+
+CONFIG = ModelConfig(
+    channels=8, n_heads=2, lmax=2, n_layers=2, n_radial=6, radial_hidden=8, readout_hidden=8, cutoff=3.5
+)
+needs_kernel = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+
+
+@pytest.fixture
+def fresh_library() -> Iterator[None]:
+    """Forget the loaded kernel before and after (the tests below change how it is built)."""
+    fused_cpu.kernel_library.cache_clear()
+    yield
+    fused_cpu.kernel_library.cache_clear()
+
+
+def some_molecules(seed: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Molecules of 1-14 atoms; in one, an atom beyond the cutoff of the others (a receiver without edges)."""
+    rng = np.random.default_rng(seed)
+    molecules = [random_molecule(rng, int(n)) for n in rng.integers(1, 15, size=9)]
+    z, pos = random_molecule(rng, 4)
+    molecules.append((np.append(z, 6), np.vstack([pos, [40.0, 0.0, 0.0]])))
+    return molecules
+
+
+def outputs(model, batch, fused: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
+    """The model's outputs with or without the kernel, and how many kernel calls were made."""
+    calls = []
+    attention = fused_cpu.attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return attention(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_cpu, "attention", counted)
+        if not fused:
+            patch.setattr(fused_cpu, "applies", lambda x: False)
+        with torch.inference_mode():
+            return model(batch), len(calls)
+
+
+@needs_kernel
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("n_heads, lmax", [(2, 2), (1, 1), (4, 0)])
+def test_fused_kernel_matches_the_pytorch_path(monkeypatch, paired: bool, n_heads: int, lmax: int) -> None:
+    """float64, blocks of ~3 pairs so that a batch spans many blocks; unpaired: shuffled edges."""
+    monkeypatch.setattr(fused_cpu, "BLOCK_COEFFICIENTS", 3 * 5 * 2 * CONFIG.channels)
+    model = make_model(CONFIG.replace(n_heads=n_heads, lmax=lmax), dtype=torch.float64)
+    batch = with_edge_order(collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64), paired)
+    fused, n_calls = outputs(model, batch, True, monkeypatch)
+    plain, no_calls = outputs(model, batch, False, monkeypatch)
+    assert n_calls == CONFIG.n_layers and no_calls == 0
+    assert max_rel_diff(fused, plain) < 1e-12
+
+
+@needs_kernel
+def test_fused_kernel_in_float32_agrees_with_float64() -> None:
+    model = make_model(CONFIG, dtype=torch.float64)
+    batch64 = collate(some_molecules(2), CONFIG.cutoff, dtype=torch.float64)
+    with torch.inference_mode():
+        reference = model(batch64)
+        single = model.float()(collate(some_molecules(2), CONFIG.cutoff, dtype=torch.float32))
+    assert max_rel_diff({k: v.double() for k, v in single.items()}, reference) < 1e-4
+
+
+class _InferenceAdapter(ModelAdapter):
+    """The whole model under ``torch.inference_mode()``, where the kernel runs (the equivariance tests of
+    test_model.py run with gradients, through PyTorch)."""
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            return tuple(o.clone() for o in super().forward(positions))
+
+
+@needs_kernel
+def test_fused_inference_is_equivariant() -> None:
+    """float64, e3nn's random rotations, reflections and translations, tolerance 1e-9."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # e3nn builds the check's Wigner matrices in the default dtype
+    try:
+        model = make_model(CONFIG, dtype=torch.float64)
+        molecules = some_molecules(4)[:4]
+        adapter = _InferenceAdapter(model, [z for z, _ in molecules], torch.float64)
+        positions = torch.from_numpy(np.concatenate([p for _, p in molecules]))
+        assert_equivariant(adapter, args_in=[positions], tolerance=1e-9)
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_receiver_blocks_own_the_edges_of_their_receivers(paired: bool) -> None:
+    batch = with_edge_order(collate(some_molecules(3), CONFIG.cutoff), paired)
+    n_nodes, per_row = batch.z.shape[0], 2 if paired else 1
+    blocks = fused_cpu.receiver_blocks(batch.edge_dst, n_nodes, per_row, target_rows=4)
+    assert blocks.nodes[0] == 0 and blocks.nodes[-1] == n_nodes
+    assert blocks.rows[0] == 0 and blocks.rows[-1] == batch.edge_src.numel() // per_row
+    if paired:  # radius graphs cut between molecules: several blocks
+        assert len(blocks.nodes) > 3
+    dst_sorted = batch.edge_dst[blocks.order]
+    assert torch.equal(dst_sorted, torch.sort(batch.edge_dst).values)
+    assert torch.equal(
+        blocks.offsets[1:] - blocks.offsets[:-1], torch.bincount(batch.edge_dst, minlength=n_nodes)
+    )
+    for b in range(len(blocks.nodes) - 1):
+        edges = blocks.order[blocks.offsets[blocks.nodes[b]] : blocks.offsets[blocks.nodes[b + 1]]]
+        rows = edges // per_row
+        assert edges.numel() == 0 or (
+            int(rows.min()) >= blocks.rows[b] and int(rows.max()) < blocks.rows[b + 1]
+        ), f"block {b} reads rows outside its range"
+
+
+def test_turned_off_the_model_uses_pytorch(monkeypatch, fresh_library: None) -> None:
+    monkeypatch.setenv(fused_cpu.DISABLE_ENV, "0")
+    assert fused_cpu.kernel_library() is None
+    model = make_model(CONFIG, dtype=torch.float64)
+    with torch.inference_mode():
+        out = model(collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64))
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+
+
+def test_a_failing_build_falls_back_to_pytorch(monkeypatch, tmp_path, caplog, fresh_library: None) -> None:
+    """A compiler that fails (here: `false`) leaves a warning, no library file and a working model."""
+    monkeypatch.setenv("SE3T_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", shutil.which("false") or "false")
+    with caplog.at_level(logging.WARNING, logger="se3tcli.model.fused_cpu"):
+        assert fused_cpu.kernel_library() is None
+    assert "could not build the fused CPU kernel" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
+    model = make_model(CONFIG, dtype=torch.float64)
+    with torch.inference_mode():
+        out = model(collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64))
+    assert all(bool(torch.isfinite(v).all()) for v in out.values())
+
+
+@needs_kernel
+def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path, fresh_library: None) -> None:
+    monkeypatch.setenv("SE3T_CACHE_DIR", str(tmp_path))
+    assert fused_cpu.kernel_library() is not None
+    built = list((tmp_path / "kernels").glob("fused_attention-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    fused_cpu.kernel_library.cache_clear()
+    assert fused_cpu.kernel_library() is not None
+    assert built[0].stat().st_mtime_ns == stamp and not list((tmp_path / "kernels").glob("tmp*"))

@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "SE3T_FUSED_CPU"  # "0": never use the kernel
-_SOURCE = Path(__file__).with_name("fused_attention.c")
+_SOURCE = Path(__file__).resolve().with_name("fused_attention.c")  # absolute: it includes itself
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 # A block's coefficients (rows x S·2·C numbers) stay around this size, in cache (see attention.py).
 BLOCK_COEFFICIENTS = 500_000

@@ -115,7 +115,7 @@ class EquivariantAttention(nn.Module):
             block = max(_MIN_EDGE_BLOCK, _CPU_BLOCK_ELEMENTS // per_edge // 2 * 2)  # whole reverse pairs
         logits, values = [], []
         for first in range(0, max(n_edges, 1), block):
-            part = geometry[first : first + block]
+            part = geometry if block >= n_edges else geometry[first : first + block]  # frames made once
             x_src = x_last.index_select(0, part.src)  # [B, D, C]
             if layer is None:
                 key_value = self.key_value.reference(x_src.transpose(1, 2), part).permute(0, 3, 1, 2)

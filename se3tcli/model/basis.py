@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from e3nn import o3
@@ -173,10 +174,14 @@ class AngularBasis(nn.Module):
         self.register_buffer("term_rows_out", torch.tensor(row_out), persistent=False)  # [T]
         helper_axes = torch.eye(3, dtype=torch.float64)[[2, 0]]  # ẑ, x̂
         self.register_buffer("helper_axes", helper_axes, persistent=False)
-        # D^l = Uᵀ (D^{l-1} ⊗ D^1) U with U = sqrt(2l+1) C^{l-1,1,l} (orthonormal columns).
+        # D^l = Uᵀ (D^{l-1} ⊗ D^1) U with U = sqrt(2l+1) C^{l-1,1,l} (orthonormal columns), as one product of
+        # the outer product of the flattened D^{l-1} and D^1: [E, 9 (2l-1)²] @ [9 (2l-1)², (2l+1)²].
         for l in range(2, lmax + 1):
-            up = o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(3 * (2 * l - 1), 2 * l + 1)
-            self.register_buffer(f"wigner_step{l}", up * math.sqrt(2 * l + 1), persistent=False)
+            lower = 2 * l - 1
+            up = o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(lower, 3, 2 * l + 1)
+            up = up * math.sqrt(2 * l + 1)
+            step = torch.einsum("abx,cdy->acbdxy", up, up).reshape(lower * lower * 9, (2 * l + 1) ** 2)
+            self.register_buffer(f"wigner_step{l}", step, persistent=False)
 
     def spherical_harmonics(self, unit: torch.Tensor) -> torch.Tensor:  # [E, 3] -> [E, (jmax+1)**2]
         return o3.spherical_harmonics(
@@ -188,9 +193,10 @@ class AngularBasis(nn.Module):
         n = rotation.shape[0]
         blocks = [rotation.new_ones(n, 1, 1), rotation][: self.lmax + 1]  # D^1 = R in e3nn's (x, y, z) order
         for l in range(2, self.lmax + 1):
-            up = getattr(self, f"wigner_step{l}").to(rotation.dtype)
-            kron = blocks[-1][:, :, None, :, None] * rotation[:, None, :, None, :]  # [E, a, b, a', b']
-            blocks.append(up.t() @ kron.reshape(n, up.shape[0], up.shape[0]) @ up)
+            step = getattr(self, f"wigner_step{l}").to(rotation.dtype)
+            lower = (2 * l - 1) ** 2
+            outer = blocks[-1].reshape(n, lower, 1) * rotation.reshape(n, 1, 9)  # [E, (a a'), (b b')]
+            blocks.append((outer.reshape(n, lower * 9) @ step).view(n, 2 * l + 1, 2 * l + 1))
         dim = (self.lmax + 1) ** 2
         wigner = rotation.new_zeros(n, dim, dim)
         for l, block in enumerate(blocks):
@@ -208,24 +214,28 @@ class AngularBasis(nn.Module):
                 helper = torch.where(axis[:, 2:3].abs() < 0.9, e_z, e_x)  # any vector not along x̂
                 first = F.normalize(torch.cross(helper, axis, dim=1), dim=1)
                 rotation = torch.stack([first, axis, torch.cross(first, axis, dim=1)], dim=1)  # R x̂ = ŷ
-            wigner = self.wigner(rotation)  # [E, D, D]
-            return EdgeFrames(
-                wigner=wigner,
-                rotate_in=wigner.index_select(1, self.term_rows_in),
-                rotate_out=wigner.index_select(1, self.term_rows_out).transpose(1, 2).contiguous(),
-            )
+            return EdgeFrames(self.wigner(rotation), self.term_rows_in, self.term_rows_out)
 
 
 @dataclass
 class EdgeFrames:
-    """Per-edge rotations into the frame where the edge points along ŷ, restricted to the kernel terms."""
+    """Per-edge rotations into the frame where the edge points along ŷ; restricted to the kernel terms on
+    first use (the fused CPU kernel reads the Wigner matrices alone)."""
 
     wigner: torch.Tensor  # [E, D, D]: D(R_e), block diagonal by degree
-    rotate_in: torch.Tensor  # [E, T, D]: row t = the row of D(R_e) that term t reads
-    rotate_out: torch.Tensor  # [E, D, T]: column t = the row of D(R_e) that term t writes, transposed
+    term_rows_in: torch.Tensor  # [T]: the row of D(R_e) that term t reads
+    term_rows_out: torch.Tensor  # [T]: the row of D(R_e) that term t writes
+
+    @cached_property
+    def rotate_in(self) -> torch.Tensor:  # [E, T, D]
+        return self.wigner.index_select(1, self.term_rows_in)
+
+    @cached_property
+    def rotate_out(self) -> torch.Tensor:  # [E, D, T]
+        return self.wigner.index_select(1, self.term_rows_out).transpose(1, 2).contiguous()
 
     def __getitem__(self, edges: slice) -> EdgeFrames:
-        return EdgeFrames(self.wigner[edges], self.rotate_in[edges], self.rotate_out[edges])
+        return EdgeFrames(self.wigner[edges], self.term_rows_in, self.term_rows_out)
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""The fused CPU attention kernel (se3tcli/model/fused_cpu.py, fused_attention.c): it computes what the
-PyTorch path computes (float64, several receiver blocks, both edge orders), its receiver blocks own their
-edges, and the model falls back to PyTorch where the kernel is turned off or cannot be built."""
+"""The fused CPU attention kernel (se3tcli/model/fused_cpu.py, fused_attention.c): its outputs and its
+backward's gradients equal the PyTorch path's (float64, several receiver blocks, both edge orders), its
+receiver blocks own their edges, and the model falls back to PyTorch where the kernel is turned off, cannot
+be built, or gradients of the positions are wanted."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def outputs(model, batch, fused: bool, monkeypatch) -> tuple[dict[str, torch.Ten
     with monkeypatch.context() as patch:
         patch.setattr(fused_cpu, "attention", counted)
         if not fused:
-            patch.setattr(fused_cpu, "applies", lambda x: False)
+            patch.setattr(fused_cpu, "applies", lambda *args: False)
         with torch.inference_mode():
             return model(batch), len(calls)
 
@@ -73,6 +74,69 @@ def test_fused_kernel_matches_the_pytorch_path(monkeypatch, paired: bool, n_head
     plain, no_calls = outputs(model, batch, False, monkeypatch)
     assert n_calls == CONFIG.n_layers and no_calls == 0
     assert max_rel_diff(fused, plain) < 1e-12
+
+
+def parameter_gradients(model, batch, fused: bool, monkeypatch) -> tuple[dict[str, torch.Tensor], int]:
+    """Gradients of a loss over every output for every parameter, and how many kernel backward calls ran."""
+    calls = []
+    backward = fused_cpu._Plan.backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return backward(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused_cpu._Plan, "backward", counted)
+        if not fused:
+            patch.setattr(fused_cpu, "applies", lambda *args: False)
+        model.zero_grad(set_to_none=True)
+        sum((v - 0.3).pow(2).sum() for v in model(batch).values()).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+
+@needs_kernel
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("n_heads, lmax", [(2, 2), (4, 1)])
+def test_fused_backward_matches_the_pytorch_path(monkeypatch, paired: bool, n_heads: int, lmax: int) -> None:
+    """Training: the kernel's backward (features, queries, radial coefficients) gives every parameter the
+    gradient the PyTorch path gives it, float64, across many receiver blocks."""
+    monkeypatch.setattr(fused_cpu, "BLOCK_COEFFICIENTS", 3 * 5 * 2 * CONFIG.channels)
+    model = make_model(CONFIG.replace(n_heads=n_heads, lmax=lmax), dtype=torch.float64).train()
+    batch = with_edge_order(collate(some_molecules(5), CONFIG.cutoff, dtype=torch.float64), paired)
+    fused, n_calls = parameter_gradients(model, batch, True, monkeypatch)
+    plain, no_calls = parameter_gradients(model, batch, False, monkeypatch)
+    assert n_calls == CONFIG.n_layers and no_calls == 0
+    assert fused.keys() == plain.keys()
+    for name, grad in plain.items():
+        scale = max(float(grad.abs().max()), 1e-6)
+        assert float((fused[name] - grad).abs().max()) / scale < 1e-10, name
+
+
+@needs_kernel
+def test_fused_backward_is_deterministic_across_threads(monkeypatch) -> None:
+    """Two threads sum their shares of the feature gradients in a fixed order: runs repeat bit for bit
+    (resumed training depends on it)."""
+    monkeypatch.setattr(fused_cpu, "BLOCK_COEFFICIENTS", 3 * 5 * 2 * CONFIG.channels)
+    model = make_model(CONFIG, dtype=torch.float32).train()
+    batch = collate(some_molecules(6), CONFIG.cutoff, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, _ = parameter_gradients(model, batch, True, monkeypatch)
+        again, _ = parameter_gradients(model, batch, True, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_position_gradients_take_the_pytorch_path() -> None:
+    """Forces need gradients through the geometry, which the kernel's backward does not give."""
+    model = make_model(CONFIG, dtype=torch.float64)
+    batch = collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64)
+    x = torch.zeros(batch.z.shape[0], CONFIG.channels, (CONFIG.lmax + 1) ** 2, dtype=torch.float64)
+    assert fused_cpu.applies(x, model.geometry(batch)) == (fused_cpu.kernel_library() is not None)
+    batch.pos.requires_grad_(True)
+    assert not fused_cpu.applies(x, model.geometry(batch))
 
 
 @needs_kernel

@@ -130,7 +130,9 @@ class EquivariantAttention(nn.Module):
         return segment_softmax(logits, geometry.dst, x.shape[0], weight=geometry.envelope), values
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
-        fused = not self.use_reference and self.key_value.kernel == "depthwise" and fused_cpu.applies(x)
+        fused = (
+            not self.use_reference and self.key_value.kernel == "depthwise" and fused_cpu.applies(x, geometry)
+        )
         aggregated = self._aggregate_fused(x, geometry) if fused else self._aggregate(x, geometry)
         aggregated = aggregated.transpose(1, 2)  # [n, D, C] -> [n, C, D]
         gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
@@ -154,7 +156,7 @@ class EquivariantAttention(nn.Module):
         return aggregated
 
     def _aggregate_fused(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
-        """The same as :meth:`_aggregate` through the fused CPU kernel (inference)."""
+        """The same as :meth:`_aggregate` through the fused CPU kernel."""
         layer = self.key_value.term_layer()  # (weight [S·2·C, H], bias)
         rows_per_block = max(1, fused_cpu.BLOCK_COEFFICIENTS // layer[0].shape[0])
         key = ("receiver_blocks", rows_per_block)

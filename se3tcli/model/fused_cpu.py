@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -27,6 +28,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
+from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,18 @@ class _Args(ctypes.Structure):
         ("scale", ctypes.c_double),
         ("node_begin", ctypes.c_int64),
         ("node_end", ctypes.c_int64),
+        ("stats", ctypes.c_void_p),
+    ]
+
+
+class _Grads(ctypes.Structure):
+    """Mirror of ``se3t_attention_grads`` in fused_attention.c."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("grad_out", "out", "stats", "grad_features", "grad_queries")),
+        ("grad_coefficients", ctypes.c_void_p),
+        ("n_nodes", ctypes.c_int64),
+        ("n_threads", ctypes.c_int64),
     ]
 
 
@@ -101,19 +115,26 @@ def kernel_library() -> ctypes.CDLL | None:
         detail = getattr(error, "stderr", "") or error
         log.warning("could not build the fused CPU kernel (%s): using the PyTorch path", str(detail).strip())
         return None
-    for name in ("se3t_attention_f32", "se3t_attention_f64"):
-        getattr(library, name).argtypes = [ctypes.POINTER(_Args)]
-        getattr(library, name).restype = ctypes.c_int
+    for real in ("f32", "f64"):
+        getattr(library, f"se3t_attention_{real}").argtypes = [ctypes.POINTER(_Args)]
+        getattr(library, f"se3t_attention_backward_{real}").argtypes = [
+            ctypes.POINTER(_Args),
+            ctypes.POINTER(_Grads),
+        ]
+        getattr(library, f"se3t_attention_{real}").restype = ctypes.c_int
+        getattr(library, f"se3t_attention_backward_{real}").restype = ctypes.c_int
     return library
 
 
-def applies(x: torch.Tensor) -> bool:
-    """Whether the kernel can run a layer on features ``x``: CPU inference in float32/float64, no autocast,
-    and the kernel built."""
+def applies(x: torch.Tensor, geometry) -> bool:
+    """Whether the kernel can run a layer on features ``x``: on the CPU in float32/float64 without autocast,
+    the kernel built, and no gradient wanted for the geometry (positions; the kernel's backward covers the
+    features, queries and radial coefficients, which is what training needs)."""
+    geometry_grad = geometry.envelope.requires_grad or geometry.frames.wigner.requires_grad
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        and not torch.is_grad_enabled()
+        and not (torch.is_grad_enabled() and geometry_grad)
         and not torch.is_autocast_enabled("cpu")
         and kernel_library() is not None
     )
@@ -163,6 +184,129 @@ def receiver_blocks(dst: torch.Tensor, n_nodes: int, edges_per_row: int, target_
     return ReceiverBlocks(order, offsets, node_cuts, row_cuts)
 
 
+@dataclass
+class _Plan:
+    """What one layer's kernel calls share: the library, the geometry's tensors and the blocks."""
+
+    library: ctypes.CDLL
+    src: torch.Tensor  # [E] int64
+    envelope: torch.Tensor  # [E]
+    wigner: torch.Tensor  # [E, D, D]
+    edges_per_row: int
+    blocks: ReceiverBlocks
+    n_heads: int
+    tables: tuple[torch.Tensor, torch.Tensor, int, int]
+
+    def args(self, features: torch.Tensor, queries: torch.Tensor, out: torch.Tensor, stats) -> dict:
+        """The fields of ``se3t_attention_args`` common to every block (keep the tensors alive while used)."""
+        row_in, row_out, n_coef, n_axial = self.tables
+        n_nodes, dim, channels = features.shape
+        return dict(
+            lmax=int(round(dim**0.5)) - 1,
+            channels=channels,
+            n_heads=self.n_heads,
+            n_terms=row_in.shape[0],
+            n_coef=n_coef,
+            n_axial=n_axial,
+            term_row_in=row_in.data_ptr(),
+            term_row_out=row_out.data_ptr(),
+            src=self.src.data_ptr(),
+            order=self.blocks.order.data_ptr(),
+            offsets=self.blocks.offsets.data_ptr(),
+            envelope=self.envelope.data_ptr(),
+            wigner=self.wigner.data_ptr(),
+            edges_per_row=self.edges_per_row,
+            features=features.data_ptr(),
+            queries=queries.data_ptr(),
+            out=out.data_ptr(),
+            scale=(channels // self.n_heads * dim) ** -0.5,
+            stats=None if stats is None else stats.data_ptr(),
+        )
+
+    def kernel(self, name: str, dtype: torch.dtype):
+        return getattr(self.library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+
+    def forward(self, features, queries, radial, weight, bias, stats=None) -> torch.Tensor:
+        """``[n, D, C]`` softmax-weighted values; ``stats [n, 2, H]`` (training) gets the softmax's running
+        maximum and sum per receiver and head."""
+        out = features.new_zeros(features.shape)
+        base = self.args(features, queries, out, stats)
+        kernel = self.kernel("se3t_attention", features.dtype)
+        for block, (first_row, last_row) in enumerate(itertools.pairwise(self.blocks.rows)):
+            coefficients = torch.addmm(bias, radial[first_row:last_row], weight.t())  # [rows, S·2·C]
+            args = _Args(
+                **base,
+                coefficients=coefficients.data_ptr(),
+                first_row=first_row,
+                node_begin=self.blocks.nodes[block],
+                node_end=self.blocks.nodes[block + 1],
+            )
+            if kernel(ctypes.byref(args)):
+                raise MemoryError("the fused attention kernel could not allocate its scratch memory")
+        return out
+
+    def backward(
+        self, grad_out, out, stats, features, queries, radial, weight, bias
+    ) -> tuple[torch.Tensor, ...]:
+        """Gradients of the features, queries, radial features, and the term layer's weight and bias."""
+        n_threads = torch.get_num_threads()
+        per_row = self.edges_per_row
+        grad_out = grad_out.contiguous()
+        grad_parts = features.new_zeros(n_threads, *features.shape)  # one share per OpenMP thread
+        grad_queries = torch.empty_like(queries)
+        grad_radial = torch.empty_like(radial)
+        grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        base = self.args(features, queries, out, stats)
+        kernel = self.kernel("se3t_attention_backward", features.dtype)
+        for block, (first_row, last_row) in enumerate(itertools.pairwise(self.blocks.rows)):
+            rows = slice(first_row, last_row)
+            coefficients = torch.addmm(bias, radial[rows], weight.t())  # [rows, S·2·C]
+            grad_edges = coefficients.new_empty(last_row - first_row, per_row, weight.shape[0])  # per edge
+            args = _Args(
+                **base,
+                coefficients=coefficients.data_ptr(),
+                first_row=first_row,
+                node_begin=self.blocks.nodes[block],
+                node_end=self.blocks.nodes[block + 1],
+            )
+            grads = _Grads(
+                grad_out=grad_out.data_ptr(),
+                out=out.data_ptr(),
+                stats=stats.data_ptr(),
+                grad_features=grad_parts.data_ptr(),
+                grad_queries=grad_queries.data_ptr(),
+                grad_coefficients=grad_edges.data_ptr(),
+                n_nodes=features.shape[0],
+                n_threads=n_threads,
+            )
+            if kernel(ctypes.byref(args), ctypes.byref(grads)):
+                raise MemoryError("the fused attention kernel could not allocate its scratch memory")
+            grad_rows = grad_edges.sum(1)  # [rows, S·2·C]: the edges of a reverse pair share their row
+            grad_weight.addmm_(grad_rows.t(), radial[rows])
+            grad_bias += grad_rows.sum(0)
+            torch.mm(grad_rows, weight, out=grad_radial[rows])
+        return grad_parts.sum(0), grad_queries, grad_radial, grad_weight, grad_bias
+
+
+class _FusedAttention(torch.autograd.Function):
+    """The kernel with its own backward (no per-edge tensor is kept between forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, features, queries, radial, weight, bias, plan: _Plan):
+        stats = features.new_empty(features.shape[0], 2, plan.n_heads)
+        out = plan.forward(features, queries, radial, weight, bias, stats)
+        ctx.save_for_backward(features, queries, radial, weight, bias, out, stats)
+        ctx.plan = plan
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        features, queries, radial, weight, bias, out, stats = ctx.saved_tensors
+        grads = ctx.plan.backward(grad_out, out, stats, features, queries, radial, weight, bias)
+        return (*grads, None)
+
+
 def attention(
     library: ctypes.CDLL,
     coefficient_layer: tuple[torch.Tensor, torch.Tensor],
@@ -174,46 +318,22 @@ def attention(
     tables: tuple[torch.Tensor, torch.Tensor, int, int],
 ) -> torch.Tensor:
     """Channels-last ``features``/``queries [n, D, C]`` -> the softmax-weighted values ``[n, D, C]`` (before
-    the neighbourhood gate and the value mix). ``coefficient_layer``: ``(weight [S·2·C, H], bias)`` of
+    the neighbourhood gate and the value mix), differentiable in the features, queries, the geometry's radial
+    features and ``coefficient_layer``: ``(weight [S·2·C, H], bias)`` of
     :meth:`~se3tcli.model.convolution.EdgeConvolution.term_layer`; ``tables``: the term rows (in, out),
     ``n_coefficients`` and ``n_axial`` of the angular basis."""
     weight, bias = coefficient_layer
-    row_in, row_out, n_coef, n_axial = tables
-    n_nodes, dim, channels = features.shape
-    kernel = library.se3t_attention_f64 if features.dtype == torch.float64 else library.se3t_attention_f32
-    envelope = geometry.envelope.contiguous()
-    wigner = geometry.frames.wigner.contiguous()
-    out = features.new_zeros(n_nodes, dim, channels)
-    base = dict(
-        lmax=int(round(dim**0.5)) - 1,
-        channels=channels,
-        n_heads=n_heads,
-        n_terms=row_in.shape[0],
-        n_coef=n_coef,
-        n_axial=n_axial,
-        term_row_in=row_in.data_ptr(),
-        term_row_out=row_out.data_ptr(),
-        src=geometry.src.data_ptr(),
-        order=blocks.order.data_ptr(),
-        offsets=blocks.offsets.data_ptr(),
-        envelope=envelope.data_ptr(),
-        wigner=wigner.data_ptr(),
-        edges_per_row=geometry.edges_per_row,
-        features=features.data_ptr(),
-        queries=queries.data_ptr(),
-        out=out.data_ptr(),
-        scale=(channels // n_heads * dim) ** -0.5,
+    plan = _Plan(
+        library,
+        geometry.src.contiguous(),
+        geometry.envelope.contiguous(),
+        geometry.frames.wigner.contiguous(),
+        geometry.edges_per_row,
+        blocks,
+        n_heads,
+        tables,
     )
-    for block in range(len(blocks.nodes) - 1):
-        first_row, last_row = blocks.rows[block], blocks.rows[block + 1]
-        coefficients = torch.addmm(bias, geometry.radial[first_row:last_row], weight.t())  # [rows, S·2·C]
-        args = _Args(
-            **base,
-            coefficients=coefficients.data_ptr(),
-            first_row=first_row,
-            node_begin=blocks.nodes[block],
-            node_end=blocks.nodes[block + 1],
-        )
-        if kernel(ctypes.byref(args)):
-            raise MemoryError("the fused attention kernel could not allocate its scratch memory")
-    return out
+    inputs = (features, queries, geometry.radial.contiguous(), weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _FusedAttention.apply(*inputs, plan)
+    return plan.forward(*inputs)

@@ -64,11 +64,14 @@ def outputs(model, batch, fused: bool, monkeypatch) -> tuple[dict[str, torch.Ten
 
 @needs_kernel
 @pytest.mark.parametrize("paired", [True, False])
-@pytest.mark.parametrize("n_heads, lmax", [(2, 2), (1, 1), (4, 0)])
-def test_fused_kernel_matches_the_pytorch_path(monkeypatch, paired: bool, n_heads: int, lmax: int) -> None:
-    """float64, blocks of ~3 pairs so that a batch spans many blocks; unpaired: shuffled edges."""
-    monkeypatch.setattr(fused_cpu, "BLOCK_COEFFICIENTS", 3 * 5 * 2 * CONFIG.channels)
-    model = make_model(CONFIG.replace(n_heads=n_heads, lmax=lmax), dtype=torch.float64)
+@pytest.mark.parametrize("n_heads, lmax, channels", [(2, 2, 8), (1, 1, 8), (4, 0, 8), (4, 2, 32)])
+def test_fused_kernel_matches_the_pytorch_path(
+    monkeypatch, paired: bool, n_heads: int, lmax: int, channels: int
+) -> None:
+    """float64, blocks of ~3 pairs so that a batch spans many blocks; unpaired: shuffled edges. 32
+    channels: the presets' width, which the kernel compiles with constant sizes."""
+    monkeypatch.setattr(fused_cpu, "BLOCK_COEFFICIENTS", 3 * 5 * 2 * channels)
+    model = make_model(CONFIG.replace(n_heads=n_heads, lmax=lmax, channels=channels), dtype=torch.float64)
     batch = with_edge_order(collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64), paired)
     fused, n_calls = outputs(model, batch, True, monkeypatch)
     plain, no_calls = outputs(model, batch, False, monkeypatch)
@@ -140,8 +143,9 @@ def test_position_gradients_take_the_pytorch_path() -> None:
 
 
 @needs_kernel
-def test_fused_kernel_in_float32_agrees_with_float64() -> None:
-    model = make_model(CONFIG, dtype=torch.float64)
+@pytest.mark.parametrize("channels", [8, 32])  # 32: the presets' width, compiled with constant sizes
+def test_fused_kernel_in_float32_agrees_with_float64(channels: int) -> None:
+    model = make_model(CONFIG.replace(channels=channels), dtype=torch.float64)
     batch64 = collate(some_molecules(2), CONFIG.cutoff, dtype=torch.float64)
     with torch.inference_mode():
         reference = model(batch64)

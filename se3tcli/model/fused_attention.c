@@ -78,15 +78,34 @@ typedef struct {
 #define CONCAT(a, b) CONCAT_(a, b)
 #define NAME(name) CONCAT(name, SUFFIX)
 
-/* out = W in (transpose = 0), or out += W^T in (transpose = 1); W block diagonal [D, D], in/out [D, C]. */
+/* A vector of 64 bytes (16 floats or 8 doubles), unaligned loads and stores allowed. */
+typedef REAL NAME(vec) __attribute__((vector_size(64), aligned(sizeof(REAL)), may_alias));
+#define LANES ((int64_t)(64 / sizeof(REAL)))
+#define MAX_VECTORS 8 /* rows of up to 8 vectors (128 float or 64 double channels) take the vector path */
+
+/* out = W in (transpose = 0), or out += W^T in (transpose = 1); W block diagonal [D, D], in/out [D, C].
+ * Rows of whole vectors are summed in registers (a constant channel count unrolls the vector loop). */
 static inline __attribute__((always_inline)) void NAME(rotate)(const REAL *restrict w, const REAL *restrict in,
                                                                 REAL *restrict out, int64_t lmax,
                                                                 int64_t channels, int transpose) {
-    const int64_t dim = (lmax + 1) * (lmax + 1);
+    const int64_t dim = (lmax + 1) * (lmax + 1), n_vec = channels / LANES;
+    const int vector_rows = channels % LANES == 0 && n_vec <= MAX_VECTORS;
     for (int64_t l = 0; l <= lmax; ++l) {
         const int64_t base = l * l, size = 2 * l + 1;
         for (int64_t a = base; a < base + size; ++a) {
             REAL *restrict row = out + a * channels;
+            if (vector_rows) {
+                NAME(vec) sum[MAX_VECTORS];
+                for (int64_t v = 0; v < n_vec; ++v)
+                    sum[v] = transpose ? ((NAME(vec) *)row)[v] : (NAME(vec)){0};
+                for (int64_t b = base; b < base + size; ++b) {
+                    const REAL weight = transpose ? w[b * dim + a] : w[a * dim + b];
+                    const NAME(vec) *source = (const NAME(vec) *)(in + b * channels);
+                    for (int64_t v = 0; v < n_vec; ++v) sum[v] += weight * source[v];
+                }
+                for (int64_t v = 0; v < n_vec; ++v) ((NAME(vec) *)row)[v] = sum[v];
+                continue;
+            }
             if (!transpose)
                 for (int64_t c = 0; c < channels; ++c) row[c] = 0;
             for (int64_t b = base; b < base + size; ++b) {
@@ -330,6 +349,8 @@ int NAME(se3t_attention_backward)(const se3t_attention_args *args, const se3t_at
 }
 
 #undef SPECIALISED
+#undef LANES
+#undef MAX_VECTORS
 #undef NAME
 #undef CONCAT
 #undef CONCAT_

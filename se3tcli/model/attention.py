@@ -70,11 +70,11 @@ class AttentiveSelfInteraction(nn.Module):
         )
         self.scale = 1 / math.sqrt(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
-        blocks = [x[:, :, degree_slice(l)] for l in range(self.lmax + 1)]
-        inner = torch.stack([b @ b.transpose(1, 2) for b in blocks], dim=-1)  # [n, C', C, L], invariant
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, D, C] -> [n, D, C], channels last
+        blocks = [x[:, degree_slice(l)] for l in range(self.lmax + 1)]  # [n, 2l+1, C]
+        inner = torch.stack([b.transpose(1, 2) @ b for b in blocks], dim=-1)  # [n, C', C, L], invariant
         weights = self.mlp(inner) * self.scale  # [n, C', C, L]
-        return torch.cat([weights[..., l] @ b for l, b in enumerate(blocks)], dim=2)
+        return torch.cat([b @ weights[..., l].transpose(1, 2) for l, b in enumerate(blocks)], dim=1)
 
 
 class EquivariantAttention(nn.Module):
@@ -95,22 +95,24 @@ class EquivariantAttention(nn.Module):
 
     def attention_weights(self, x: torch.Tensor, geometry: EdgeGeometry) -> tuple[torch.Tensor, torch.Tensor]:
         """``α [E, H]`` and the values ``v [E, C, D]``."""
-        alpha, values = self._attend(x, geometry)
+        x_last = x.transpose(1, 2).contiguous()  # [n, D, C]
+        alpha, values = self._attend(x_last, self.query(x_last), geometry)
         return alpha, torch.cat(values).transpose(1, 2)
 
-    def _attend(self, x: torch.Tensor, geometry: EdgeGeometry) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``x [n, C, D]`` -> ``α [E, H]`` and the channels-last values ``[B, D, C]`` of each block of edges.
+    def _attend(
+        self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Features and queries ``[n, D, C]`` -> ``α [E, H]`` and the channels-last values ``[B, D, C]`` of
+        each block of edges.
 
         One block, except in CPU inference: there blocks of edges keep the per-edge intermediates in cache
         and on pages the allocator reuses (a large tensor is mapped, and page-faulted in, anew every time).
         """
-        x_last = x.transpose(1, 2).contiguous()  # [n, D, C]
-        queries = self.query(x).transpose(1, 2).contiguous()  # [n, D, C]
         n_edges, dim, c = geometry.src.shape[0], x_last.shape[1], x_last.shape[2]
         head_channels = c // self.n_heads
         layer = None if self.use_reference else self.key_value.term_layer()
         block = max(n_edges, 1)
-        if layer is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if layer is not None and x_last.device.type == "cpu" and not torch.is_grad_enabled():
             per_edge = max(layer[0].shape[0], self.key_value.terms_per_edge)  # the largest intermediate's
             block = max(_MIN_EDGE_BLOCK, _CPU_BLOCK_ELEMENTS // per_edge // 2 * 2)  # whole reverse pairs
         logits, values = [], []
@@ -127,26 +129,30 @@ class EquivariantAttention(nn.Module):
             values.append(block_values)
         logits = torch.cat(logits) / math.sqrt(head_channels * dim)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # autocast: softmax in float32
-        return segment_softmax(logits, geometry.dst, x.shape[0], weight=geometry.envelope), values
+        return segment_softmax(logits, geometry.dst, x_last.shape[0], weight=geometry.envelope), values
 
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
+        x_last = x.transpose(1, 2).contiguous()  # [n, D, C]: channels last inside the layer
+        queries = self.query(x_last)  # [n, D, C]
         fused = (
             not self.use_reference and self.key_value.kernel == "depthwise" and fused_cpu.applies(x, geometry)
         )
-        aggregated = self._aggregate_fused(x, geometry) if fused else self._aggregate(x, geometry)
-        aggregated = aggregated.transpose(1, 2)  # [n, D, C] -> [n, C, D]
+        aggregate = self._aggregate_fused if fused else self._aggregate
+        aggregated = aggregate(x_last, queries, geometry)  # [n, D, C]
         gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
         aggregated = aggregated * gate[:, None, None]
         if self.value_mix is not None:
             aggregated = self.value_mix(aggregated)
-        return self.self_interaction(x) + aggregated
+        return (self.self_interaction(x_last) + aggregated).transpose(1, 2)
 
-    def _aggregate(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+    def _aggregate(self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
         """``Σ_j α_ij v_ij``, channels last ``[n, D, C]``, with PyTorch operations."""
-        alpha, values = self._attend(x, geometry)
-        n_nodes, c, dim = x.shape
+        alpha, values = self._attend(x_last, queries, geometry)
+        n_nodes, dim, c = x_last.shape
         alpha = alpha.repeat_interleave(c // self.n_heads, dim=1)  # [E, C]: each channel's head weight
-        aggregated = x.new_zeros(n_nodes, dim, c, dtype=torch.promote_types(values[0].dtype, alpha.dtype))
+        aggregated = x_last.new_zeros(
+            n_nodes, dim, c, dtype=torch.promote_types(values[0].dtype, alpha.dtype)
+        )
         first = 0
         for block in values:
             edges = slice(first, first + block.shape[0])
@@ -155,21 +161,23 @@ class EquivariantAttention(nn.Module):
             aggregated.index_add_(0, geometry.dst[edges], messages)
         return aggregated
 
-    def _aggregate_fused(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+    def _aggregate_fused(
+        self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry
+    ) -> torch.Tensor:
         """The same as :meth:`_aggregate` through the fused CPU kernel."""
         layer = self.key_value.term_layer()  # (weight [S·2·C, H], bias)
         rows_per_block = max(1, fused_cpu.BLOCK_COEFFICIENTS // layer[0].shape[0])
         key = ("receiver_blocks", rows_per_block)
         if key not in geometry.derived:  # the same for every layer of a forward pass
             geometry.derived[key] = fused_cpu.receiver_blocks(
-                geometry.dst, x.shape[0], geometry.edges_per_row, rows_per_block
+                geometry.dst, x_last.shape[0], geometry.edges_per_row, rows_per_block
             )
         angular = self.key_value.angular
         return fused_cpu.attention(
             fused_cpu.kernel_library(),
             layer,
-            features=x.transpose(1, 2).contiguous(),
-            queries=self.query(x).transpose(1, 2).contiguous(),
+            features=x_last,
+            queries=queries,
             geometry=geometry,
             blocks=geometry.derived[key],
             n_heads=self.n_heads,

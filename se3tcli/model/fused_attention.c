@@ -46,6 +46,7 @@ typedef struct {
     double scale;                              /* 1 / sqrt(head channels * D) */
     int64_t node_begin, node_end;              /* the receivers this call writes */
     void *stats;                               /* [n, 2, H]: running maximum and sum (training), or NULL */
+    int64_t n_threads;                         /* OpenMP threads (PyTorch's number) */
 } se3t_attention_args;
 
 typedef struct {
@@ -53,7 +54,7 @@ typedef struct {
     void *grad_features;                       /* [threads, n, D, C]: each thread's share, summed by the caller */
     void *grad_queries;                        /* [n, D, C] */
     void *grad_coefficients;                   /* [edges of the call, S, 2, C]: edge e at e - first_row * edges_per_row */
-    int64_t n_nodes, n_threads;
+    int64_t n_nodes;
 } se3t_attention_grads;
 
 #define REAL float
@@ -252,7 +253,8 @@ static inline __attribute__((always_inline)) void NAME(receiver_backward)(const 
         for (int64_t d = 0; d < dim; ++d)
             for (int64_t c = h * head_channels; c < (h + 1) * head_channels; ++c)
                 sum += grad_out[d * n_channels + c] * out[d * n_channels + c];
-        delta[h] = sum;
+        /* a clamped denominator (sum <= TINY) is a constant: the forward's out = acc / TINY has no delta term */
+        delta[h] = stats[n_heads + h] > TINY ? sum : 0;
     }
     for (int64_t i = 0; i < per_node; ++i) grad_query[i] = 0;
 
@@ -318,11 +320,11 @@ static inline __attribute__((always_inline)) void NAME(receiver_backward)(const 
 int NAME(se3t_attention)(const se3t_attention_args *args) {
     const int64_t per_node = (args->lmax + 1) * (args->lmax + 1) * args->channels;
     int failed = 0;
-#pragma omp parallel reduction(|| : failed)
+#pragma omp parallel num_threads(args->n_threads) reduction(|| : failed)
     {
         const NAME(scratch) scratch = NAME(scratch_alloc)(per_node, args->n_heads, args->channels);
         failed = scratch.x_frame == NULL;
-#pragma omp for schedule(static, 4) /* static: the same thread sums the same terms in every run */
+#pragma omp for schedule(static, 4)
         for (int64_t node = args->node_begin; node < args->node_end; ++node) {
             if (!failed) SPECIALISED(NAME(receiver), args, node, &scratch)
         }
@@ -334,12 +336,12 @@ int NAME(se3t_attention)(const se3t_attention_args *args) {
 int NAME(se3t_attention_backward)(const se3t_attention_args *args, const se3t_attention_grads *grads) {
     const int64_t per_node = (args->lmax + 1) * (args->lmax + 1) * args->channels;
     int failed = 0;
-#pragma omp parallel num_threads(grads->n_threads) reduction(|| : failed)
+#pragma omp parallel num_threads(args->n_threads) reduction(|| : failed)
     {
         const NAME(scratch) scratch = NAME(scratch_alloc)(per_node, args->n_heads, args->channels);
         failed = scratch.x_frame == NULL;
         REAL *grad_features = (REAL *)grads->grad_features + omp_get_thread_num() * grads->n_nodes * per_node;
-#pragma omp for schedule(static, 4) /* static: the same thread sums the same terms in every run */
+#pragma omp for schedule(static, 4) /* static: each thread's share of grad_features sums the same terms in every run */
         for (int64_t node = args->node_begin; node < args->node_end; ++node) {
             if (!failed) SPECIALISED(NAME(receiver_backward), args, grads, node, &scratch, grad_features)
         }

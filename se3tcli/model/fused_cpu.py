@@ -1,15 +1,19 @@
-"""The fused CPU kernel for attention inference (``fused_attention.c``): build, load and call.
+"""The fused CPU kernel of the attention layers (``fused_attention.c``, forward and backward): build, load and
+call.
 
 The C source is compiled on first use with the system's C compiler into the se3t cache directory (about a
-second; keyed by the source, the flags and the CPU's instruction set, since it is built for this CPU) and
-loaded with ctypes. Where no compiler is found or the build fails, :func:`kernel_library` returns None and
-the model keeps its PyTorch path; ``SE3T_FUSED_CPU=0`` turns the kernel off (for A/B benchmarks).
+second; keyed by the source, the compiler, the flags, the C library and the CPU, since it is built for this
+CPU) and loaded with ctypes. Where no compiler is found or the build fails, :func:`kernel_library` returns
+None and the model keeps its PyTorch path; a failed build is remembered (a ``.failed`` file beside the
+library, with the compiler's message) so that later runs skip it quietly, until that file is deleted.
+``SE3T_FUSED_CPU=0`` turns the kernel off (for A/B benchmarks).
 
 Receivers are split into blocks of whole molecules (:func:`receiver_blocks`): per block, one matrix product
 makes the frame coefficients of its edges, then one kernel call shares the block's receivers between
-OpenMP threads. Built with ``-fopenmp``, the library binds to the ``libgomp.so.1`` that PyTorch has
-already loaded (Linux builds of PyTorch use GNU OpenMP), so the kernel and PyTorch's operations take turns
-on one thread pool instead of spinning against each other.
+``torch.get_num_threads()`` OpenMP threads. Built with ``-fopenmp``, the library binds to the
+``libgomp.so.1`` that PyTorch has loaded where PyTorch uses GNU OpenMP under that name (the Linux CPU
+wheels), so the kernel and PyTorch's operations take turns on one thread pool; with another OpenMP runtime
+the two pools are separate (correct, but they may spin against each other).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import itertools
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -53,6 +58,7 @@ class _Args(ctypes.Structure):
         ("node_begin", ctypes.c_int64),
         ("node_end", ctypes.c_int64),
         ("stats", ctypes.c_void_p),
+        ("n_threads", ctypes.c_int64),
     ]
 
 
@@ -63,27 +69,35 @@ class _Grads(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("grad_out", "out", "stats", "grad_features", "grad_queries")),
         ("grad_coefficients", ctypes.c_void_p),
         ("n_nodes", ctypes.c_int64),
-        ("n_threads", ctypes.c_int64),
     ]
 
 
-def _cpu_signature() -> str:
-    """What ``-march=native`` depends on: the CPU's model and instruction-set flags."""
+def _machine_signature() -> str:
+    """What a ``-march=native`` build depends on: the CPU (every /proc/cpuinfo line but clock readings, which
+    covers x86's flags and ARM's features alike) and the C library."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    wanted = ("model name", "flags")
-    return "\n".join(sorted({line for line in info.splitlines() if line.startswith(wanted)}))
+        lines = [platform.processor(), platform.machine()]
+    cpu = sorted({line for line in lines if "mhz" not in line.lower() and "bogomips" not in line.lower()})
+    return "\n".join([*cpu, platform.machine(), *platform.libc_ver()])
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compiler() -> list[str] | None:
+    """``$CC`` (may carry arguments: ``ccache gcc``), else ``cc``, else ``gcc``; None if none is found."""
+    command = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    found = shutil.which(command[0])
+    if found is None and "CC" not in os.environ:
+        found = shutil.which("gcc")
+    return None if found is None else [found, *command[1:]]
+
+
+def _compile(compiler: list[str], target: Path) -> None:
     """Build the shared library into ``target`` atomically (a temporary file renamed into place)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            [*compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -92,28 +106,49 @@ def _compile(compiler: str, target: Path) -> None:
         os.replace(built, target)
 
 
+def _first_line(error: BaseException) -> str:
+    detail = str(getattr(error, "stderr", "") or error).strip()
+    lines = [line for line in detail.splitlines() if "error" in line.lower()] or detail.splitlines() or [""]
+    return lines[0][:300]
+
+
 @cache
 def kernel_library() -> ctypes.CDLL | None:
     """The compiled kernel (built on first use), or None where it is turned off or cannot be built."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler found: attention inference on the CPU uses the PyTorch path")
+        log.info("no C compiler found: the attention layers on the CPU use the PyTorch path")
         return None
-    from se3tcli.data.qm9 import default_cache_dir  # the one cache directory of se3t
-
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), compiler, *_FLAGS, _cpu_signature()]).encode()
-    ).hexdigest()[:16]
-    target = default_cache_dir() / "kernels" / f"fused_attention-{key}.so"
     try:
+        from se3tcli.data.qm9 import default_cache_dir  # the one cache directory of se3t
+
+        key = hashlib.sha256(
+            "\0".join([_SOURCE.read_text(), *compiler, *_FLAGS, _machine_signature()]).encode()
+        ).hexdigest()[:16]
+        folder = default_cache_dir() / "kernels"
+        target, failed = folder / f"fused_attention-{key}.so", folder / f"fused_attention-{key}.failed"
+        if failed.exists():  # a build that failed before: do not retry (and warn) in every run
+            log.info("the fused CPU kernel did not build before (see %s): using the PyTorch path", failed)
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
         if not target.exists():
-            _compile(compiler, target)
+            try:
+                _compile(compiler, target)
+            except (OSError, subprocess.SubprocessError) as error:
+                command = shlex.join([*compiler, *_FLAGS, str(_SOURCE)])
+                failed.write_text(f"{command}\n{getattr(error, 'stderr', None) or error}")
+                log.warning(
+                    "could not build the fused CPU kernel (%s; details in %s, delete it to retry): "
+                    "using the PyTorch path",
+                    _first_line(error),
+                    failed,
+                )
+                return None
         library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        log.warning("could not build the fused CPU kernel (%s): using the PyTorch path", str(detail).strip())
+    except (OSError, RuntimeError) as error:  # unreadable source, no home or cache folder, unloadable library
+        log.warning("could not load the fused CPU kernel (%s): using the PyTorch path", _first_line(error))
         return None
     for real in ("f32", "f64"):
         getattr(library, f"se3t_attention_{real}").argtypes = [ctypes.POINTER(_Args)]
@@ -131,9 +166,12 @@ def applies(x: torch.Tensor, geometry) -> bool:
     the kernel built, and no gradient wanted for the geometry (positions; the kernel's backward covers the
     features, queries and radial coefficients, which is what training needs)."""
     geometry_grad = geometry.envelope.requires_grad or geometry.frames.wigner.requires_grad
+    same_dtype = all(t.dtype == x.dtype for t in (geometry.envelope, geometry.frames.wigner, geometry.radial))
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
+        and same_dtype  # the kernel reads every array in one type (a float64 model on a float32 batch: no)
+        and geometry.src.dtype == torch.int64
         and not (torch.is_grad_enabled() and geometry_grad)
         and not torch.is_autocast_enabled("cpu")
         and kernel_library() is not None
@@ -181,6 +219,10 @@ def receiver_blocks(dst: torch.Tensor, n_nodes: int, edges_per_row: int, target_
             row_cuts.append(int(first_row[i]))
     node_cuts.append(n_nodes)
     row_cuts.append(n_rows)
+    # The backward gives every edge of a block one gradient slot: a block's edges must fill its rows.
+    edges = offsets[torch.tensor(node_cuts)].diff()
+    if not torch.equal(edges, torch.tensor(row_cuts).diff() * edges_per_row):
+        raise ValueError(f"{dst.shape[0]} edges do not form whole rows of {edges_per_row} (reverse pairs)")
     return ReceiverBlocks(order, offsets, node_cuts, row_cuts)
 
 
@@ -221,6 +263,7 @@ class _Plan:
             out=out.data_ptr(),
             scale=(channels // self.n_heads * dim) ** -0.5,
             stats=None if stats is None else stats.data_ptr(),
+            n_threads=torch.get_num_threads(),
         )
 
     def kernel(self, name: str, dtype: torch.dtype):
@@ -249,14 +292,13 @@ class _Plan:
         self, grad_out, out, stats, features, queries, radial, weight, bias
     ) -> tuple[torch.Tensor, ...]:
         """Gradients of the features, queries, radial features, and the term layer's weight and bias."""
-        n_threads = torch.get_num_threads()
         per_row = self.edges_per_row
         grad_out = grad_out.contiguous()
-        grad_parts = features.new_zeros(n_threads, *features.shape)  # one share per OpenMP thread
+        base = self.args(features, queries, out, stats)
+        grad_parts = features.new_zeros(base["n_threads"], *features.shape)  # one share per OpenMP thread
         grad_queries = torch.empty_like(queries)
         grad_radial = torch.empty_like(radial)
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
-        base = self.args(features, queries, out, stats)
         kernel = self.kernel("se3t_attention_backward", features.dtype)
         for block, (first_row, last_row) in enumerate(itertools.pairwise(self.blocks.rows)):
             rows = slice(first_row, last_row)
@@ -277,7 +319,6 @@ class _Plan:
                 grad_queries=grad_queries.data_ptr(),
                 grad_coefficients=grad_edges.data_ptr(),
                 n_nodes=features.shape[0],
-                n_threads=n_threads,
             )
             if kernel(ctypes.byref(args), ctypes.byref(grads)):
                 raise MemoryError("the fused attention kernel could not allocate its scratch memory")

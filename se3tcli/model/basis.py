@@ -1,7 +1,8 @@
 """Geometry-only parts of the kernels, computed once per forward pass and shared by all layers.
 
-Feature layout everywhere in the model: ``[n, channels, (lmax + 1)**2]``; degree l occupies the columns
-``l**2 : (l + 1)**2`` (e3nn's real spherical-harmonic order, (x, y, z) for l = 1).
+Feature layout between the model's blocks: ``[n, channels, (lmax + 1)**2]``; degree l occupies the columns
+``l**2 : (l + 1)**2`` (e3nn's real spherical-harmonic order, (x, y, z) for l = 1). Inside an attention layer
+features are channels last, ``[n, (lmax + 1)**2, channels]``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 /* Fused CPU forward and backward of one equivariant attention layer (depthwise kernels): for every
- * receiver i, over
- * its incoming edges e = (j -> i), in that edge's own frame,
+ * receiver i, over its incoming edges e = (j -> i), in that edge's own frame,
  *
  *   x_e   = D(R_e) x_j                        rotate the neighbour's features into the frame
  *   k_e   = a_key  (.) x_e                     frame key: one coefficient per term (T terms, S coefficients)
@@ -29,7 +28,6 @@
 #include <stdint.h>
 #include <omp.h>
 #include <stdlib.h>
-#include <string.h>
 
 typedef struct {
     int64_t lmax, channels, n_heads;

@@ -240,6 +240,7 @@ def test_a_failing_build_falls_back_to_pytorch(monkeypatch, tmp_path, caplog, fr
     """A compiler that fails (here: `false`) leaves a warning, no library file and a working model."""
     monkeypatch.setenv("SE3T_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", shutil.which("false") or "false")
+    monkeypatch.delenv(fused_cpu.DISABLE_ENV, raising=False)
     with caplog.at_level(logging.WARNING, logger="se3tcli.model.fused_cpu"):
         assert fused_cpu.kernel_library() is None
     assert "could not build the fused CPU kernel" in caplog.text

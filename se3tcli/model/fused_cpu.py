@@ -322,7 +322,9 @@ class _Plan:
             )
             if kernel(ctypes.byref(args), ctypes.byref(grads)):
                 raise MemoryError("the fused attention kernel could not allocate its scratch memory")
-            grad_rows = grad_edges.sum(1)  # [rows, S·2·C]: the edges of a reverse pair share their row
+            # [rows, S·2·C]: the edges of a reverse pair share their row (an add of two views, several times
+            # faster than a sum over the middle axis of size 2)
+            grad_rows = grad_edges[:, 0] + grad_edges[:, 1] if per_row == 2 else grad_edges[:, 0]
             grad_weight.addmm_(grad_rows.t(), radial[rows])
             grad_bias += grad_rows.sum(0)
             torch.mm(grad_rows, weight, out=grad_radial[rows])

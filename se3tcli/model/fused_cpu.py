@@ -242,7 +242,7 @@ class _Plan:
     def args(self, features: torch.Tensor, queries: torch.Tensor, out: torch.Tensor, stats) -> dict:
         """The fields of ``se3t_attention_args`` common to every block (keep the tensors alive while used)."""
         row_in, row_out, n_coef, n_axial = self.tables
-        n_nodes, dim, channels = features.shape
+        _, dim, channels = features.shape
         return dict(
             lmax=int(round(dim**0.5)) - 1,
             channels=channels,

@@ -476,14 +476,18 @@ def info(
     from se3tcli.render import card_tables
 
     if model is None:
+        from se3tcli.model.fused_cpu import kernel_status
+
         found = {name: str(path) for name, path in bundled_models().items()}
+        kernel = kernel_status()
         if json_output:
-            print(json.dumps({"bundled_models": found}))
-        elif found:
-            for name, path in found.items():
-                console.print(f"{name}\t{path}")
-        else:
+            print(json.dumps({"bundled_models": found, "cpu_attention_kernel": kernel}))
+            return
+        for name, path in found.items():
+            console.print(f"{name}\t{path}", highlight=False, soft_wrap=True)
+        if not found:
             console.print("no bundled models installed")
+        console.print(f"CPU attention layers: {kernel}", highlight=False, soft_wrap=True)
         return
     loaded = load_model(model)
     summary = _card_summary(loaded.path, loaded.checkpoint, loaded.card)

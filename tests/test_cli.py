@@ -27,6 +27,7 @@ from se3tcli.cli import app
 from se3tcli.equivariance import TRANSFORMS, check_equivariance
 from se3tcli.graph import collate
 from se3tcli.io import read_molecules
+from se3tcli.model import fused_cpu
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.predict import predict_stream
@@ -373,8 +374,10 @@ def test_info_of_a_checkpoint(tiny_checkpoint, loaded) -> None:
 
 def test_info_lists_bundled_models(tmp_path, tiny_checkpoint, monkeypatch) -> None:
     monkeypatch.setattr(checkpoint_module, "bundled_models", dict)
-    assert _invoke("info").stdout.strip() == "no bundled models installed"
-    assert json.loads(_invoke("info", "--json").stdout) == {"bundled_models": {}}
+    lines = _invoke("info").stdout.strip().splitlines()
+    assert lines[0] == "no bundled models installed" and lines[1].startswith("CPU attention layers: ")
+    listed = json.loads(_invoke("info", "--json").stdout)
+    assert listed["bundled_models"] == {} and listed["cpu_attention_kernel"] == fused_cpu.kernel_status()
 
     path = tmp_path / "tiny.pt"
     shutil.copyfile(tiny_checkpoint, path)
@@ -382,8 +385,8 @@ def test_info_lists_bundled_models(tmp_path, tiny_checkpoint, monkeypatch) -> No
     path.with_suffix(".json").write_text(json.dumps(card))
     monkeypatch.setattr(checkpoint_module, "bundled_models", lambda: {"tiny": path})
     listing = _invoke("info")
-    assert listing.exit_code == 0 and listing.stdout.split() == ["tiny", str(path)]
-    assert json.loads(_invoke("info", "--json").stdout) == {"bundled_models": {"tiny": str(path)}}
+    assert listing.exit_code == 0 and listing.stdout.splitlines()[0].split() == ["tiny", str(path)]
+    assert json.loads(_invoke("info", "--json").stdout)["bundled_models"] == {"tiny": str(path)}
     shown = _invoke("info", "tiny", "--json")
     assert shown.exit_code == 0 and json.loads(shown.stdout) == card
     assert "tiny-test-model" in _invoke("info", "tiny").stdout

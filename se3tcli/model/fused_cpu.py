@@ -107,6 +107,9 @@ def _compile(compiler: list[str], target: Path) -> None:
 
 
 def _first_line(error: BaseException) -> str:
+    """The compiler's first error line (or the exception's message), for a one-line warning."""
+    if isinstance(error, subprocess.CalledProcessError) and not (error.stderr or "").strip():
+        return f"the compiler exited with status {error.returncode}"
     detail = str(getattr(error, "stderr", "") or error).strip()
     lines = [line for line in detail.splitlines() if "error" in line.lower()] or detail.splitlines() or [""]
     return lines[0][:300]
@@ -159,6 +162,18 @@ def kernel_library() -> ctypes.CDLL | None:
         getattr(library, f"se3t_attention_{real}").restype = ctypes.c_int
         getattr(library, f"se3t_attention_backward_{real}").restype = ctypes.c_int
     return library
+
+
+def kernel_status() -> str:
+    """One line for users: which implementation the CPU attention layers run, and why."""
+    library = kernel_library()
+    if library is not None:
+        return f"fused C kernel ({library._name})"
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"PyTorch ({DISABLE_ENV}=0)"
+    if _compiler() is None:
+        return "PyTorch (no C compiler found)"
+    return "PyTorch (the fused C kernel could not be built or loaded; see the se3t cache's 'kernels' folder)"
 
 
 def applies(x: torch.Tensor, geometry) -> bool:

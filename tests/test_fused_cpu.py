@@ -149,6 +149,19 @@ def test_fused_backward_is_deterministic_across_threads(monkeypatch) -> None:
     assert all(torch.equal(first[name], again[name]) for name in first)
 
 
+@needs_kernel
+def test_a_molecule_too_large_for_one_block_takes_the_pytorch_path(monkeypatch) -> None:
+    """Blocks hold whole molecules; one whose coefficients exceed MAX_BLOCK_COEFFICIENTS (thousands of
+    atoms) goes through the PyTorch path, whose memory is bounded by blocks of edges."""
+    model = make_model(CONFIG, dtype=torch.float64)
+    batch = collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64)
+    fused, n_calls = outputs(model, batch, True, monkeypatch)
+    assert n_calls == CONFIG.n_layers
+    monkeypatch.setattr(fused_cpu, "MAX_BLOCK_COEFFICIENTS", 100)
+    plain, n_calls = outputs(model, batch, True, monkeypatch)
+    assert n_calls == 0 and max_rel_diff(fused, plain) < 1e-12
+
+
 def test_position_gradients_and_mixed_dtypes_take_the_pytorch_path() -> None:
     """Forces need gradients through the geometry, which the kernel's backward does not give; and the
     kernel reads every array in one type, so a float64 model on a float32 batch must not reach it."""

@@ -134,11 +134,11 @@ class EquivariantAttention(nn.Module):
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
         x_last = x.transpose(1, 2).contiguous()  # [n, D, C]: channels last inside the layer
         queries = self.query(x_last)  # [n, D, C]
-        fused = (
-            not self.use_reference and self.key_value.kernel == "depthwise" and fused_cpu.applies(x, geometry)
-        )
-        aggregate = self._aggregate_fused if fused else self._aggregate
-        aggregated = aggregate(x_last, queries, geometry)  # [n, D, C]
+        blocks = self._fused_blocks(x, geometry)
+        if blocks is None:
+            aggregated = self._aggregate(x_last, queries, geometry)  # [n, D, C]
+        else:
+            aggregated = self._aggregate_fused(x_last, queries, geometry, blocks)
         gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
         aggregated = aggregated * gate[:, None, None]
         if self.value_mix is not None:
@@ -161,25 +161,39 @@ class EquivariantAttention(nn.Module):
             aggregated.index_add_(0, geometry.dst[edges], messages)
         return aggregated
 
-    def _aggregate_fused(
-        self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry
-    ) -> torch.Tensor:
-        """The same as :meth:`_aggregate` through the fused CPU kernel."""
-        layer = self.key_value.term_layer()  # (weight [S·2·C, H], bias)
-        rows_per_block = max(1, fused_cpu.BLOCK_COEFFICIENTS // layer[0].shape[0])
+    def _fused_blocks(self, x: torch.Tensor, geometry: EdgeGeometry) -> fused_cpu.ReceiverBlocks | None:
+        """The receiver blocks of the fused CPU kernel, or None where the kernel does not apply (see
+        :func:`~se3tcli.model.fused_cpu.applies`) or where one molecule's frame coefficients would exceed
+        ``MAX_BLOCK_COEFFICIENTS`` (thousands of atoms: the PyTorch path works in bounded blocks of edges)."""
+        if self.use_reference or self.key_value.kernel != "depthwise" or not fused_cpu.applies(x, geometry):
+            return None
+        conv = self.key_value
+        per_row = conv.angular.n_coefficients * conv.n_kernels * conv.channels  # [S, K, C] per pair
+        rows_per_block = max(1, fused_cpu.BLOCK_COEFFICIENTS // per_row)
         key = ("receiver_blocks", rows_per_block)
         if key not in geometry.derived:  # the same for every layer of a forward pass
             geometry.derived[key] = fused_cpu.receiver_blocks(
-                geometry.dst, x_last.shape[0], geometry.edges_per_row, rows_per_block
+                geometry.dst, x.shape[0], geometry.edges_per_row, rows_per_block
             )
+        blocks = geometry.derived[key]
+        return None if blocks.largest_rows * per_row > fused_cpu.MAX_BLOCK_COEFFICIENTS else blocks
+
+    def _aggregate_fused(
+        self,
+        x_last: torch.Tensor,
+        queries: torch.Tensor,
+        geometry: EdgeGeometry,
+        blocks: fused_cpu.ReceiverBlocks,
+    ) -> torch.Tensor:
+        """The same as :meth:`_aggregate` through the fused CPU kernel."""
         angular = self.key_value.angular
         return fused_cpu.attention(
             fused_cpu.kernel_library(),
-            layer,
+            self.key_value.term_layer(),  # (weight [S·2·C, H], bias)
             features=x_last,
             queries=queries,
             geometry=geometry,
-            blocks=geometry.derived[key],
+            blocks=blocks,
             n_heads=self.n_heads,
             tables=(angular.term_rows_in, angular.term_rows_out, angular.n_coefficients, angular.n_axial),
         )

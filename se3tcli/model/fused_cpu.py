@@ -40,8 +40,11 @@ log = logging.getLogger(__name__)
 DISABLE_ENV = "SE3T_FUSED_CPU"  # "0": never use the kernel
 _SOURCE = Path(__file__).resolve().with_name("fused_attention.c")  # absolute: it includes itself
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
-# A block's coefficients (rows x S·2·C numbers) stay around this size, in cache (see attention.py).
+# A block's coefficients (rows x S·2·C numbers) stay around this size, in cache (see attention.py); blocks
+# hold whole molecules, and one molecule above MAX_BLOCK_COEFFICIENTS (64 MB in float32; ~18,000 pairs of
+# atoms at 32 channels and lmax 2) takes the PyTorch path, which bounds its memory by blocks of edges.
 BLOCK_COEFFICIENTS = 500_000
+MAX_BLOCK_COEFFICIENTS = 16_000_000
 
 
 class _Args(ctypes.Structure):
@@ -206,6 +209,10 @@ class ReceiverBlocks:
     offsets: torch.Tensor  # [n + 1] int64
     nodes: list[int]
     rows: list[int]
+
+    @property
+    def largest_rows(self) -> int:
+        return max(last - first for first, last in itertools.pairwise(self.rows))
 
 
 def receiver_blocks(dst: torch.Tensor, n_nodes: int, edges_per_row: int, target_rows: int) -> ReceiverBlocks:

@@ -188,7 +188,6 @@ class EquivariantAttention(nn.Module):
         """The same as :meth:`_aggregate` through the fused CPU kernel."""
         angular = self.key_value.angular
         return fused_cpu.attention(
-            fused_cpu.kernel_library(),
             self.key_value.term_layer(),  # (weight [S·2·C, H], bias)
             features=x_last,
             queries=queries,

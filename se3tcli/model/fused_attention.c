@@ -55,6 +55,16 @@ typedef struct {
     int64_t n_nodes;
 } se3t_attention_grads;
 
+/* The coefficient s of frame term t: terms -|m| (t >= S) share the coefficient of their +|m| term. */
+static inline int64_t term_coefficient(const se3t_attention_args *args, int64_t term) {
+    return term < args->n_coefficients ? term : args->n_axial + term - args->n_coefficients;
+}
+
+/* The row of the call's coefficient block that edge e reads (both edges of a reverse pair share one). */
+static inline int64_t coefficient_row(const se3t_attention_args *args, int64_t edge) {
+    return edge / args->edges_per_row - args->first_row;
+}
+
 #define REAL float
 #define SUFFIX f32
 #define EXP expf
@@ -142,17 +152,15 @@ static inline __attribute__((always_inline)) void NAME(edge_frame)(const se3t_at
                                                                     int64_t n_channels, int64_t lmax) {
     const int64_t n_heads = args->n_heads, dim = (lmax + 1) * (lmax + 1), per_node = dim * n_channels;
     const int64_t head_channels = n_channels / n_heads;
-    const int64_t n_coef = args->n_coefficients, n_axial = args->n_axial;
+    const int64_t per_row = args->n_coefficients * 2 * n_channels; /* [S, 2, C] */
     const REAL *w = (const REAL *)args->wigner + edge * dim * dim;
-    const REAL *coef = (const REAL *)args->coefficients +
-                       (edge / args->edges_per_row - args->first_row) * n_coef * 2 * n_channels;
+    const REAL *coef = (const REAL *)args->coefficients + coefficient_row(args, edge) * per_row;
     REAL *restrict x_frame = t->x_frame, *restrict key = t->key, *restrict value = t->value;
     NAME(rotate)(w, (const REAL *)args->features + args->src[edge] * per_node, x_frame, lmax, n_channels, 0);
     NAME(rotate)(w, query, t->q_frame, lmax, n_channels, 0);
     for (int64_t i = 0; i < per_node; ++i) key[i] = 0, value[i] = 0;
     for (int64_t term = 0; term < args->n_terms; ++term) {
-        /* terms -|m| share the coefficient of their +|m| term */
-        const int64_t s = term < n_coef ? term : n_axial + term - n_coef;
+        const int64_t s = term_coefficient(args, term);
         const REAL *restrict a_key = coef + s * 2 * n_channels, *restrict a_value = a_key + n_channels;
         const REAL *restrict input = x_frame + args->term_row_in[term] * n_channels;
         REAL *restrict k_row = key + args->term_row_out[term] * n_channels;
@@ -237,7 +245,7 @@ static inline __attribute__((always_inline)) void NAME(receiver_backward)(const 
                                                                            int64_t lmax) {
     const int64_t n_heads = args->n_heads, dim = (lmax + 1) * (lmax + 1);
     const int64_t per_node = dim * n_channels, head_channels = n_channels / n_heads;
-    const int64_t n_coef = args->n_coefficients, n_axial = args->n_axial;
+    const int64_t per_row = args->n_coefficients * 2 * n_channels; /* [S, 2, C] */
     const REAL *envelope = args->envelope, *query = (const REAL *)args->queries + node * per_node;
     const REAL *grad_out = (const REAL *)grads->grad_out + node * per_node;
     const REAL *out = (const REAL *)grads->out + node * per_node;
@@ -281,13 +289,11 @@ static inline __attribute__((always_inline)) void NAME(receiver_backward)(const 
             }
         NAME(rotate)(w, t->q_frame, grad_query, lmax, n_channels, 1);
 
-        REAL *grad_coef = (REAL *)grads->grad_coefficients +
-                          (edge - args->first_row * args->edges_per_row) * n_coef * 2 * n_channels;
-        for (int64_t i = 0; i < n_coef * 2 * n_channels; ++i) grad_coef[i] = 0;
-        const REAL *coef = (const REAL *)args->coefficients +
-                           (edge / args->edges_per_row - args->first_row) * n_coef * 2 * n_channels;
+        REAL *grad_coef = (REAL *)grads->grad_coefficients + (edge - args->first_row * args->edges_per_row) * per_row;
+        for (int64_t i = 0; i < per_row; ++i) grad_coef[i] = 0;
+        const REAL *coef = (const REAL *)args->coefficients + coefficient_row(args, edge) * per_row;
         for (int64_t term = 0; term < args->n_terms; ++term) {
-            const int64_t s = term < n_coef ? term : n_axial + term - n_coef;
+            const int64_t s = term_coefficient(args, term);
             const REAL *restrict a_key = coef + s * 2 * n_channels, *restrict a_value = a_key + n_channels;
             REAL *restrict g_key = grad_coef + s * 2 * n_channels, *restrict g_value = g_key + n_channels;
             const REAL *restrict input = t->x_frame + args->term_row_in[term] * n_channels;

@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -291,14 +292,12 @@ class _Plan:
     def kernel(self, name: str, dtype: torch.dtype):
         return getattr(self.library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
 
-    def forward(self, features, queries, radial, weight, bias, stats=None) -> torch.Tensor:
-        """``[n, D, C]`` softmax-weighted values; ``stats [n, 2, H]`` (training) gets the softmax's running
-        maximum and sum per receiver and head."""
-        out = features.new_zeros(features.shape)
-        base = self.args(features, queries, out, stats)
-        kernel = self.kernel("se3t_attention", features.dtype)
+    def block_calls(self, base: dict, radial, weight, bias) -> Iterator[tuple[slice, torch.Tensor, _Args]]:
+        """Per block: its coefficient rows, their frame coefficients ``[rows, S·2·C]`` (one matrix product)
+        and the kernel's arguments (``base`` from :meth:`args`; keep the coefficients alive while used)."""
         for block, (first_row, last_row) in enumerate(itertools.pairwise(self.blocks.rows)):
-            coefficients = torch.addmm(bias, radial[first_row:last_row], weight.t())  # [rows, S·2·C]
+            rows = slice(first_row, last_row)
+            coefficients = torch.addmm(bias, radial[rows], weight.t())
             args = _Args(
                 **base,
                 coefficients=coefficients.data_ptr(),
@@ -306,6 +305,16 @@ class _Plan:
                 node_begin=self.blocks.nodes[block],
                 node_end=self.blocks.nodes[block + 1],
             )
+            yield rows, coefficients, args
+
+    def forward(self, features, queries, radial, weight, bias, stats=None) -> torch.Tensor:
+        """``[n, D, C]`` softmax-weighted values; ``stats [n, 2, H]`` (training) gets the softmax's running
+        maximum and sum per receiver and head."""
+        out = features.new_zeros(features.shape)
+        base = self.args(features, queries, out, stats)
+        kernel = self.kernel("se3t_attention", features.dtype)
+        # _coefficients stays referenced while the kernel reads it through args
+        for _rows, _coefficients, args in self.block_calls(base, radial, weight, bias):
             if kernel(ctypes.byref(args)):
                 raise MemoryError("the fused attention kernel could not allocate its scratch memory")
         return out
@@ -322,17 +331,8 @@ class _Plan:
         grad_radial = torch.empty_like(radial)
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
         kernel = self.kernel("se3t_attention_backward", features.dtype)
-        for block, (first_row, last_row) in enumerate(itertools.pairwise(self.blocks.rows)):
-            rows = slice(first_row, last_row)
-            coefficients = torch.addmm(bias, radial[rows], weight.t())  # [rows, S·2·C]
-            grad_edges = coefficients.new_empty(last_row - first_row, per_row, weight.shape[0])  # per edge
-            args = _Args(
-                **base,
-                coefficients=coefficients.data_ptr(),
-                first_row=first_row,
-                node_begin=self.blocks.nodes[block],
-                node_end=self.blocks.nodes[block + 1],
-            )
+        for rows, coefficients, args in self.block_calls(base, radial, weight, bias):
+            grad_edges = coefficients.new_empty(coefficients.shape[0], per_row, weight.shape[0])  # per edge
             grads = _Grads(
                 grad_out=grad_out.data_ptr(),
                 out=out.data_ptr(),
@@ -373,7 +373,6 @@ class _FusedAttention(torch.autograd.Function):
 
 
 def attention(
-    library: ctypes.CDLL,
     coefficient_layer: tuple[torch.Tensor, torch.Tensor],
     features: torch.Tensor,
     queries: torch.Tensor,
@@ -386,10 +385,10 @@ def attention(
     the neighbourhood gate and the value mix), differentiable in the features, queries, the geometry's radial
     features and ``coefficient_layer``: ``(weight [S·2·C, H], bias)`` of
     :meth:`~se3tcli.model.convolution.EdgeConvolution.term_layer`; ``tables``: the term rows (in, out),
-    ``n_coefficients`` and ``n_axial`` of the angular basis."""
+    ``n_coefficients`` and ``n_axial`` of the angular basis. Call only where :func:`applies` holds."""
     weight, bias = coefficient_layer
     plan = _Plan(
-        library,
+        kernel_library(),
         geometry.src.contiguous(),
         geometry.envelope.contiguous(),
         geometry.frames.wigner.contiguous(),

@@ -1,13 +1,15 @@
 """Throughput of the se3t model: the fast path against the e3nn reference, measured in the same run.
 
 On real QM9 geometries (the QM9 cache; without it the bundled sample molecules), a few batches are collated
-once up front, then for each implementation (``fast``; ``reference``: every convolution through
-``e3nn.o3.TensorProduct``, ``model.use_reference(True)``) and mode it measures molecules/s:
+once up front, then for each implementation of ``--impls`` and mode it measures molecules/s. The
+implementations are the attention backends of ``se3tcli.model.backend`` (``model.set_backend``), all in one
+process on the same model and batches: ``fast`` (``auto``: on the CPU the fused C kernel of
+``se3tcli.model.fused_cpu`` wherever it can run, else PyTorch; ``cpu_attention_kernel`` in the JSON says
+which; ``SE3T_FUSED_CPU=0`` turns the kernel off), ``torch`` (PyTorch only), ``fused_cpu`` (the fused kernel
+only, CPU) and ``reference`` (every convolution through ``e3nn.o3.TensorProduct``). The modes:
 
 * ``train``: forward, L1 loss on all targets, backward and an AdamW step;
-* ``infer``: forward under ``torch.inference_mode`` (on the CPU the fast path's attention layers then run
-  the fused C kernel of ``se3tcli.model.fused_cpu``, where it could be built: ``cpu_attention_kernel`` in the
-  JSON says which; ``SE3T_FUSED_CPU=0`` turns it off);
+* ``infer``: forward under ``torch.inference_mode``;
 
 after warm-up steps, as the median of interleaved repeats (``torch.cuda.synchronize`` around every timed
 block on GPU), and the peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over the warm-up and one step,
@@ -20,6 +22,7 @@ padding and the host-to-device copy of every batch, which the eager cases (batch
 
     python benchmarks/bench.py --device cpu --preset small --json
     python benchmarks/bench.py --device cpu --preset small --lmax 1 --layers 3   # the bundled model's config
+    python benchmarks/bench.py --device cpu --preset small --impls torch,fused_cpu  # kernel against PyTorch
     python benchmarks/bench.py --device cuda --preset base --batch-size 128 --amp --json
     python benchmarks/bench.py --device cuda --preset small --lmax 1 --layers 3 --batch-size 512 --cuda-graphs
 
@@ -52,7 +55,7 @@ sys.path.insert(0, str(ROOT))  # measure the checkout this file belongs to, inst
 from se3tcli.batching import StaticShape  # noqa: E402
 from se3tcli.data.qm9 import QM9Unavailable, load_qm9  # noqa: E402
 from se3tcli.graph import Batch, collate  # noqa: E402
-from se3tcli.model import fused_cpu  # noqa: E402
+from se3tcli.model.backend import resolve  # noqa: E402
 from se3tcli.model.basis import AngularBasis  # noqa: E402
 from se3tcli.model.config import PRESETS, ModelConfig, preset  # noqa: E402
 from se3tcli.model.transformer import SE3Transformer  # noqa: E402
@@ -60,7 +63,14 @@ from se3tcli.model.transformer import SE3Transformer  # noqa: E402
 SAMPLE_SDF = ROOT / "sample_molecules" / "qm9_sample.sdf"
 SAMPLE_XYZ = ROOT / "sample_molecules" / "qm9_sample.xyz"
 _ELEMENTS = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
-IMPLS = ("fast", "reference")
+# implementation -> the attention backend it runs (graphs: the fast path captured as CUDA graphs)
+BACKEND_OF = {
+    "fast": "auto",
+    "torch": "torch",
+    "fused_cpu": "fused_cpu",
+    "reference": "reference",
+    "graphs": "auto",
+}
 MODES = ("train", "infer")
 
 Molecule = tuple[np.ndarray, np.ndarray]  # atomic numbers [n], positions [n, 3] Å
@@ -81,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the first repeat")
     p.add_argument("--modes", default="train,infer", help="comma-separated subset of: train,infer")
-    p.add_argument("--skip-reference", action="store_true", help="measure the fast path only")
+    p.add_argument(
+        "--impls",
+        default="fast,reference",
+        help="comma-separated subset of: fast,torch,fused_cpu,reference (attention backends, one process)",
+    )
+    p.add_argument("--skip-reference", action="store_true", help="leave out the reference")
     p.add_argument("--amp", action="store_true", help="CUDA: bf16 autocast (TF32 is always on)")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA: also time the fast path as CUDA graphs")
     p.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's choice)")
@@ -100,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or any(m not in MODES for m in args.modes):
         p.error(f"--modes takes a comma-separated subset of {','.join(MODES)}")
+    eager = [name for name in BACKEND_OF if name != "graphs"]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    args.impls = [i for i in impls if not (args.skip_reference and i == "reference")]
+    if not args.impls or any(i not in eager for i in args.impls):
+        p.error(f"--impls takes a comma-separated subset of {','.join(eager)}")
+    if "fused_cpu" in args.impls and on_cuda:
+        p.error("--impls fused_cpu is for --device cpu")
     if on_cuda and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     if (args.amp or args.cuda_graphs) and not on_cuda:
@@ -283,7 +305,7 @@ class Runner:
         i = self.count % len(self.batches)
         self.count += 1
         batch = self.batches[i]
-        self.model.use_reference(impl == "reference")
+        self.model.set_backend(BACKEND_OF[impl])
         if impl == "graphs":
             return self._graphed_step(i, mode)
         if mode == "infer":
@@ -363,8 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = [collate(molecules[i : i + size], config.cutoff) for i in range(0, len(molecules), size)]
     n_mol = sum(b.n_mol for b in batches)
     runner = Runner(config, batches, device, args.amp)
-    impls = IMPLS[:1] if args.skip_reference else IMPLS
-    impls += ("graphs",) if args.cuda_graphs else ()
+    impls = [*args.impls, *(["graphs"] if args.cuda_graphs else [])]
     cases = [(impl, mode) for impl in impls for mode in args.modes]
 
     if args.memory_probe:
@@ -395,10 +416,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     median = {case: statistics.median(values) for case, values in rates.items()}
 
-    def ratio(mode: str, impl: str = "fast") -> float | None:
-        if ("reference", mode) not in median or (impl, mode) not in median:
+    def ratio(mode: str, impl: str = "fast", baseline: str = "reference") -> float | None:
+        if (baseline, mode) not in median or (impl, mode) not in median:
             return None
-        return round(median[impl, mode] / median["reference", mode], 2)
+        return round(median[impl, mode] / median[baseline, mode], 2)
 
     report = {
         "device": torch.cuda.get_device_name(device)
@@ -418,6 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_infer": ratio("infer"),
         "ratio_train_graphs": ratio("train", "graphs"),
         "ratio_infer_graphs": ratio("infer", "graphs"),
+        "ratio_train_fused_cpu_torch": ratio("train", "fused_cpu", "torch"),
+        "ratio_infer_fused_cpu_torch": ratio("infer", "fused_cpu", "torch"),
         "peak_mem": "cuda max_memory_allocated over warm-up and one step"
         if device.type == "cuda"
         else "resident-set growth over a first step (fresh process)",
@@ -438,8 +461,8 @@ def main(argv: list[str] | None = None) -> dict:
         "amp": args.amp,
         "tf32": device.type == "cuda",
         "threads": torch.get_num_threads(),
-        # CPU inference of the fast path: the fused C kernel where it could be built, else PyTorch
-        "cpu_attention_kernel": "fused C" if fused_cpu.kernel_library() is not None else "PyTorch",
+        # the fast path on the CPU: the fused C kernel where it can run, else PyTorch
+        "cpu_attention_kernel": "fused C" if resolve().backend == "fused_cpu" else "PyTorch",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "e3nn": _version("e3nn"),
@@ -475,6 +498,8 @@ def print_table(report: dict) -> None:
     for mode in MODES:
         if report[f"ratio_{mode}"] is not None:
             print(f"fast / reference, {mode}: {report[f'ratio_{mode}']:.2f}x")
+        if report[f"ratio_{mode}_fused_cpu_torch"] is not None:
+            print(f"fused_cpu / torch, {mode}: {report[f'ratio_{mode}_fused_cpu_torch']:.2f}x")
 
 
 if __name__ == "__main__":

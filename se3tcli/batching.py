@@ -19,7 +19,7 @@ import torch
 
 from se3tcli.graph import Batch, collate
 
-Molecule = tuple[np.ndarray, np.ndarray]  # atomic numbers [n], positions [n, 3] Å
+Geometry = tuple[np.ndarray, np.ndarray]  # atomic numbers [n], positions [n, 3] Å
 PADDING_SPACING = 1.5  # Å between consecutive padding atoms
 _SIZE_CHUNK = 4096  # molecules collated at once when counting edges
 
@@ -41,7 +41,7 @@ class StaticShape:
 
 
 def graph_sizes(
-    molecule: Callable[[int], Molecule], indices: Sequence[int], cutoff: float
+    molecule: Callable[[int], Geometry], indices: Sequence[int], cutoff: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Atoms and directed edges (within ``cutoff`` Å) of each molecule ``molecule(i)`` for ``indices``."""
     indices = np.asarray(indices, dtype=np.int64)

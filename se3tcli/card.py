@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import e3nn
 import torch
-from ase.data import chemical_symbols
 
 from se3tcli import __version__
-from se3tcli.checkpoint import save_checkpoint, sha256_of
+from se3tcli.checkpoint import model_from_checkpoint, save_checkpoint, sha256_of
+from se3tcli.elements import symbol
+from se3tcli.files import atomic_write
 from se3tcli.targets import PAPER_MAE, TARGETS
 
 CARD_LIMITATIONS = (
@@ -34,12 +33,15 @@ def build_card(
     name: str,
     checkpoint: dict[str, Any],
     checkpoint_path: Path,
-    test_metrics: dict[str, dict],
     n_parameters: int,
-    evaluation: dict[str, Any],
-    training_command: str,
+    test_metrics: dict[str, dict] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    training_command: str = "",
     description: str = "",
 ) -> dict[str, Any]:
+    """The model card of ``checkpoint`` (saved at ``checkpoint_path``); the test errors and how they were
+    measured where an export measured them."""
+    test_metrics = test_metrics or {}
     training = checkpoint.get("training", {})
     options = training.get("options", {})
     errors = {}
@@ -62,7 +64,7 @@ def build_card(
             "size_bytes": checkpoint_path.stat().st_size,
         },
         "targets": {t: TARGETS[t].unit for t in checkpoint["targets"]},
-        "elements": [chemical_symbols[z] for z in checkpoint["elements"]],
+        "elements": [symbol(z) for z in checkpoint["elements"]],
         "parameters": n_parameters,
         "config": checkpoint["config"],
         "training": {
@@ -76,12 +78,12 @@ def build_card(
             "torch_version": training.get("torch_version"),
         },
         "domain": {
-            "elements": [chemical_symbols[z] for z in domain.get("elements", [])],
+            "elements": [symbol(z) for z in domain.get("elements", [])],
             "max_atoms": domain.get("max_atoms"),
             "max_heavy_atoms": domain.get("max_heavy_atoms"),
         },
         "test_errors": errors,
-        "evaluation": evaluation,
+        "evaluation": evaluation or {},
         "limitations": CARD_LIMITATIONS,
         "versions": {"se3t": __version__, "torch": str(torch.__version__), "e3nn": e3nn.__version__},
     }
@@ -112,13 +114,20 @@ def write_model(
         "n_molecules": next(iter(test_metrics.values()))["n"] if test_metrics else 0,
     }
     card = build_card(
-        name, stripped, pt_path, test_metrics, n_parameters, evaluation, training_command, description
+        name, stripped, pt_path, n_parameters, test_metrics, evaluation, training_command, description
     )
     card_path = dest / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{card_path.name}.", dir=dest)
-    with os.fdopen(fd, "w") as handle:
+    with atomic_write(card_path) as handle:
         json.dump(card, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a model card is an ordinary file
-    os.replace(tmp, card_path)
     return pt_path, card_path
+
+
+def card_summary(path: Path, checkpoint: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """The model card of a bundled model, or the card of a plain checkpoint with its validation errors."""
+    if card:
+        return card
+    model = model_from_checkpoint(checkpoint, path)
+    summary = build_card(path.stem, checkpoint, path, sum(p.numel() for p in model.parameters()))
+    summary["validation"] = checkpoint.get("metrics", {}).get("val", {})
+    return summary

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +20,7 @@ from typing import Any
 
 import torch
 
+from se3tcli.files import atomic_write
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.targets import TARGETS
@@ -81,15 +80,8 @@ def save_checkpoint(data: dict[str, Any], path: str | Path) -> None:
     """Write atomically: a temp file in the same folder, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        torch.save(data, handle)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import shlex
 import signal
@@ -14,8 +15,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from se3tcli import __version__
+from se3tcli.train.options import TrainOptions
 
 app = typer.Typer(
     name="se3t",
@@ -38,7 +41,7 @@ class UsageError(Exception):
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -145,8 +148,8 @@ def predict(
 ) -> None:
     """Predict properties of the molecules in INPUTS (and --smiles) with a trained model."""
     from se3tcli.checkpoint import load_model
-    from se3tcli.io import PredictionWriter, check_inputs, read_molecules
-    from se3tcli.predict import predict_stream
+    from se3tcli.io import check_inputs, read_molecules
+    from se3tcli.predict import predict_to_file
     from se3tcli.render import predictions_table, progress_bar, status_messages
 
     inputs, smiles = list(inputs or []), list(smiles or [])
@@ -156,37 +159,28 @@ def predict(
     torch_device = _device(device)
     loaded = load_model(model, torch_device)
     chosen = _targets(targets, loaded.targets)
-    writer = PredictionWriter(output, chosen, loaded.units) if output else None
     _sigterm_as_interrupt()
     shown: list = []
-    n_done = n_predicted = 0
-    try:
-        with progress_bar(err_console) as progress:
-            task = progress.add_task("predicting", total=None)
-            molecules = read_molecules(inputs, smiles, embed=not no_embed)
-            report_oom = functools.partial(err_console.print, style="yellow")
-            stream = predict_stream(loaded, molecules, torch_device, chosen, batch_size, on_oom=report_oom)
-            for molecule, values in stream:
-                n_done += 1
-                n_predicted += values is not None
-                if writer:
-                    writer.write(molecule, values)
-                if writer is None or len(shown) < PREVIEW_ROWS:
-                    shown.append((replace(molecule, rdkit_mol=None), values))  # keep the table light
-                progress.update(task, completed=n_done)
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
-    if writer:
-        writer.close()
+    with progress_bar(err_console) as progress:
+        task = progress.add_task("predicting", total=None)
+
+        def on_row(molecule, values) -> None:
+            if output is None or len(shown) < PREVIEW_ROWS:
+                shown.append((replace(molecule, rdkit_mol=None), values))  # keep the table light
+            progress.advance(task)
+
+        molecules = read_molecules(inputs, smiles, embed=not no_embed)
+        report_oom = functools.partial(err_console.print, style="yellow")
+        n_done, n_predicted = predict_to_file(
+            loaded, molecules, torch_device, chosen, output, on_row, batch_size, report_oom
+        )
     console.print(predictions_table(shown, chosen))
     for line in status_messages(shown):
         console.print(line, highlight=False, soft_wrap=True)
-    if writer and n_done > len(shown):
-        console.print(f"(first {len(shown)} of {n_done} rows shown)")
+    if output and n_done > len(shown):
+        console.print(f"(first {len(shown)} of {n_done} rows shown)", markup=False)
     summary = f"{n_predicted} of {n_done} molecules predicted"
-    console.print(summary + (f"; written to {output}" if output else ""))
+    console.print(summary + (f"; written to {output}" if output else ""), markup=False)
     if n_predicted == 0:
         raise typer.Exit(1)
 
@@ -194,103 +188,100 @@ def predict(
 # ----------------------------------------------------------------------------- train
 
 
+def _with_options_of(options_class):
+    """Add the fields of ``options_class`` that carry command-line metadata as keyword options of a
+    command (default None: not given, so the dataclass default or, on resume, the run's own applies)."""
+    from dataclasses import MISSING, fields
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        extra = []
+        for f in fields(options_class):
+            if "help" not in f.metadata:
+                continue
+            meta = dict(f.metadata)
+            help_text, cli_type = meta.pop("help"), meta.pop("cli_type", None)
+            flags = meta.pop("flags", ())
+            default = f.default if f.default is not MISSING else None
+            annotation = cli_type or _option_type(f.type)
+            option = typer.Option(*flags, help=help_text, show_default=_shown_default(default), **meta)
+            extra.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[annotation | None, option],
+                )
+            )
+        parameters = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in signature.parameters.values()
+            if p.kind != inspect.Parameter.VAR_KEYWORD
+        ]
+        command.__signature__ = signature.replace(parameters=[*extra, *parameters])
+        command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
+        return command
+
+    return decorate
+
+
+def _option_type(annotation: str) -> type:
+    """The command-line type of a field annotated ``'int | None'``, ``'float'``, ``'bool'``, ``'str'``..."""
+    name = annotation.split("|")[0].strip()
+    return {"int": int, "float": float, "bool": bool, "str": str}[name]
+
+
+def _shown_default(default: Any) -> str | bool:
+    if default is None:
+        return False
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return "all"
+    return str(default)
+
+
 @app.command()
 @guarded
+@_with_options_of(TrainOptions)
 def train(
-    dataset: Annotated[str, typer.Option(help="'qm9' or a labelled .sdf/.extxyz file.")] = "qm9",
-    targets: Annotated[
-        str | None, typer.Option(help="Comma-separated targets (default: all 12 of QM9).")
+    channels: Annotated[
+        int | None, typer.Option(min=1, help="Override the preset's channels per degree.")
     ] = None,
-    preset: Annotated[str, typer.Option(help="Model size: small or base.")] = "small",
-    channels: Annotated[int | None, typer.Option(help="Override the preset's channels per degree.")] = None,
-    lmax: Annotated[int | None, typer.Option(help="Override the preset's highest feature degree.")] = None,
-    layers: Annotated[int | None, typer.Option(help="Override the preset's number of layers.")] = None,
-    heads: Annotated[int | None, typer.Option(help="Override the preset's attention heads.")] = None,
+    lmax: Annotated[
+        int | None, typer.Option(min=0, help="Override the preset's highest feature degree.")
+    ] = None,
+    layers: Annotated[int | None, typer.Option(min=1, help="Override the preset's number of layers.")] = None,
+    heads: Annotated[int | None, typer.Option(min=1, help="Override the preset's attention heads.")] = None,
     kernel: Annotated[str | None, typer.Option(help="depthwise or full.")] = None,
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs (default 100; with --resume, the run's own).")
+    cutoff: Annotated[
+        float | None, typer.Option(min=0.1, help="Neighbour cutoff in Å (default: the preset's).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (AdamW).")] = 5e-4,
-    warmup_epochs: Annotated[
-        float, typer.Option(min=0.0, help="Linear warm-up before the cosine decay.")
-    ] = 1.0,
-    cutoff: Annotated[float, typer.Option(min=0.1, help="Neighbour cutoff in Å.")] = 5.0,
-    device: DeviceOption = "auto",
-    amp: Annotated[bool, typer.Option(help="bf16 autocast on CUDA.")] = True,
-    seed: Annotated[int, typer.Option()] = 0,
-    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/se3t"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from last.pt.")] = False,
-    limit: Annotated[int | None, typer.Option(min=3, help="Use only this many molecules.")] = None,
-    patience: Annotated[int | None, typer.Option(min=1, help="Early-stopping patience in epochs.")] = None,
-    time_limit: Annotated[
-        float | None, typer.Option(min=0.0, help="Stop (resumably) after MIN minutes.")
-    ] = None,
-    cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
-    init_from: Annotated[
-        Path | None, typer.Option(help="Start from this checkpoint's weights (same model settings).")
-    ] = None,
-    max_atoms: Annotated[
-        int | None, typer.Option(min=1, help="Bound each batch by atoms too (--batch-size bounds molecules).")
-    ] = None,
-    max_edges: Annotated[
-        int | None, typer.Option(min=1, help="Bound each batch by directed edges too.")
-    ] = None,
-    cuda_graphs: Annotated[
-        bool,
-        typer.Option(
-            "--cuda-graphs",
-            help="CUDA: replay one captured forward+backward over batches padded to one shape "
-            "(atom/edge budgets default to --batch-size average molecules).",
-        ),
-    ] = False,
     debug: DebugOption = False,
+    **given: Any,
 ) -> None:
     """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt and test metrics."""
     from se3tcli.render import RichTrainingReporter, metrics_table
     from se3tcli.targets import QM9_TARGETS, TARGETS
-    from se3tcli.train import Trainer, TrainOptions
+    from se3tcli.train import Trainer
 
-    overrides = {
-        k: v
-        for k, v in {
-            "channels": channels,
-            "lmax": lmax,
-            "n_layers": layers,
-            "n_heads": heads,
-            "kernel": kernel,
-        }.items()
-        if v is not None
-    }
-    chosen = _targets(targets, QM9_TARGETS if dataset.lower() == "qm9" else tuple(TARGETS))
-    options = TrainOptions(
-        dataset=dataset,
-        targets=chosen,
-        preset=preset,
-        model_overrides=overrides,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        warmup_epochs=warmup_epochs,
-        cutoff=cutoff,
-        device=device,
-        amp=amp,
-        seed=seed,
-        out=str(out),
-        resume=resume,
-        limit=limit,
-        patience=patience,
-        time_limit=time_limit,
-        cache=str(cache) if cache else None,
-        command=shlex.join(["se3t", *sys.argv[1:]]),
-        init_from=str(init_from) if init_from else None,
-        max_atoms=max_atoms,
-        max_edges=max_edges,
-        cuda_graphs=cuda_graphs,
-    )
-    _device(device)
+    options = {name: value for name, value in given.items() if value is not None}
+    if "targets" in options:  # not given: the data set's (or, on resume, the run's) targets
+        dataset = options.get("dataset", "qm9")
+        available = QM9_TARGETS if dataset.lower() == "qm9" else tuple(TARGETS)
+        options["targets"] = _targets(options["targets"], available)
+    for name in ("out", "cache", "init_from"):  # paths on the command line, strings in the record
+        if name in options:
+            options[name] = str(options[name])
+    model = {"channels": channels, "lmax": lmax, "n_layers": layers, "n_heads": heads, "kernel": kernel}
+    model["cutoff"] = cutoff
+    if any(v is not None for v in model.values()):
+        options["model_overrides"] = {k: v for k, v in model.items() if v is not None}
+    options["command"] = shlex.join(["se3t", *sys.argv[1:]])
+    run_options = TrainOptions(**options)
+    _device(run_options.device)
     reporter = RichTrainingReporter(err_console)
-    trainer = Trainer(options, reporter)
+    trainer = Trainer(run_options, reporter)
     try:
         trainer.setup()
     except ValueError as exc:
@@ -306,15 +297,18 @@ def train(
         result = trainer.run(should_stop=lambda: bool(stop_requested))
     finally:
         reporter.stop()
+    out = trainer.opts.out
     if result["status"] in ("time limit", "interrupted"):
-        console.print(f"stopped ({result['status']}); last.pt saved in {out}; continue with --resume")
+        console.print(
+            f"stopped ({result['status']}); last.pt saved in {out}; continue with --resume", markup=False
+        )
         if result["status"] == "interrupted":
             raise typer.Exit(EXIT_INTERRUPTED)
         return
     console.print(
         metrics_table(result["test"], f"test set ({result['status']} after {result['epoch']} epochs)")
     )
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {out}", markup=False)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -339,30 +333,23 @@ def evaluate(
     """MAE and RMSE per target, in physical units, on a split of the data the model was trained on."""
     from se3tcli.checkpoint import load_model
     from se3tcli.render import metrics_table
-    from se3tcli.train import error_metrics, labelled_for_checkpoint, predict_arrays
+    from se3tcli.train import labelled_for_checkpoint, split_predictions
 
     if split not in ("train", "val", "test"):
         raise UsageError(f"--split must be train, val or test, not {split!r}")
     torch_device = _device(device)
     loaded = load_model(model, torch_device)
     labelled = labelled_for_checkpoint(loaded.checkpoint, dataset, str(cache) if cache else None)
-    indices = labelled.split[split][:limit]
-    data = labelled.data
-    pred = predict_arrays(loaded.model, data, indices, batch_size, torch_device, loaded.model.config.cutoff)
-    truth = data.targets[indices]
-    metrics = error_metrics(pred, truth, data.target_names)
+    pred, truth, metrics = split_predictions(loaded.model, labelled, split, batch_size, torch_device, limit)
     if plots:
         from se3tcli.plots import parity_plots
 
-        parity_plots(pred, truth, data.target_names, plots)
+        parity_plots(pred, truth, labelled.data.target_names, plots)
+    n = len(truth)
     if json_output:
-        print(
-            json.dumps(
-                {"model": str(loaded.path), "split": split, "n": int(len(indices)), "metrics": metrics}
-            )
-        )
+        print(json.dumps({"model": str(loaded.path), "split": split, "n": n, "metrics": metrics}))
         return
-    console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {len(indices)} molecules"))
+    console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {n} molecules"))
 
 
 # ----------------------------------------------------------------------------- check-equivariance
@@ -392,13 +379,9 @@ def check_equivariance_command(
 ) -> None:
     """Prove on real molecules that predictions are invariant (and the dipole equivariant) under rotations,
     translations, permutations and reflection."""
-    import torch
-
     from se3tcli.checkpoint import load_model
-    from se3tcli.equivariance import TOLERANCE, check_equivariance
+    from se3tcli.equivariance import TOLERANCE, check_equivariance, random_model
     from se3tcli.io import check_inputs, read_molecules
-    from se3tcli.model.config import preset
-    from se3tcli.model.transformer import SE3Transformer
     from se3tcli.render import equivariance_table
 
     if dtype not in TOLERANCE:
@@ -406,13 +389,8 @@ def check_equivariance_command(
     files = list(inputs or [_sample_file()])
     check_inputs(files)
     torch_device = _device(device)
-    if model == "random":
-        torch.manual_seed(seed)
-        network = SE3Transformer.from_config(preset("base"))
-        elements = set(network.config.elements)
-    else:
-        loaded = load_model(model, torch_device)
-        network, elements = loaded.model, set(loaded.model.config.elements)
+    network = random_model(seed) if model == "random" else load_model(model, torch_device).model
+    elements = set(network.config.elements)
     molecules = []
     for molecule in read_molecules(files):
         if molecule.ok and set(molecule.numbers.tolist()) <= elements:
@@ -441,29 +419,6 @@ def check_equivariance_command(
 # ----------------------------------------------------------------------------- info
 
 
-def _card_summary(path: Path, checkpoint: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
-    """The model card of a bundled model, or the same fields read from a plain checkpoint."""
-    from ase.data import chemical_symbols
-
-    from se3tcli.checkpoint import model_from_checkpoint, sha256_of
-
-    if card:
-        return card
-    training = checkpoint.get("training", {})
-    model = model_from_checkpoint(checkpoint, path)
-    return {
-        "name": path.stem,
-        "checkpoint": {"path": str(path), "sha256": sha256_of(path)},
-        "targets": checkpoint["targets"],
-        "elements": [chemical_symbols[z] for z in checkpoint.get("elements", [])],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "config": checkpoint["config"],
-        "training": {k: v for k, v in training.items() if k != "options"},
-        "domain": training.get("domain", {}),
-        "validation": checkpoint.get("metrics", {}).get("val", {}),
-    }
-
-
 @app.command()
 @guarded
 def info(
@@ -472,6 +427,7 @@ def info(
     debug: DebugOption = False,
 ) -> None:
     """Show a model card (targets, units, data, test MAE, limits, hash), or list the bundled models."""
+    from se3tcli.card import card_summary
     from se3tcli.checkpoint import bundled_models, load_model
     from se3tcli.render import card_tables
 
@@ -484,13 +440,13 @@ def info(
             print(json.dumps({"bundled_models": found, "cpu_attention_kernel": kernel}))
             return
         for name, path in found.items():
-            console.print(f"{name}\t{path}", highlight=False, soft_wrap=True)
+            console.print(f"{name}\t{path}", highlight=False, soft_wrap=True, markup=False)
         if not found:
             console.print("no bundled models installed")
-        console.print(f"CPU attention layers: {kernel}", highlight=False, soft_wrap=True)
+        console.print(f"CPU attention layers: {kernel}", highlight=False, soft_wrap=True, markup=False)
         return
     loaded = load_model(model)
-    summary = _card_summary(loaded.path, loaded.checkpoint, loaded.card)
+    summary = card_summary(loaded.path, loaded.checkpoint, loaded.card)
     if json_output:
         print(json.dumps(summary, default=str))
     else:
@@ -522,13 +478,13 @@ def export(
     from se3tcli.card import write_model
     from se3tcli.checkpoint import model_from_checkpoint, read_checkpoint
     from se3tcli.render import metrics_table
-    from se3tcli.train import evaluate_split, labelled_for_checkpoint
+    from se3tcli.train import labelled_for_checkpoint, split_predictions
 
     torch_device = _device(device)
     data = read_checkpoint(checkpoint)
     model = model_from_checkpoint(data, checkpoint).to(torch_device)
     labelled = labelled_for_checkpoint(data, cache=str(cache) if cache else None)
-    metrics = evaluate_split(model, labelled, "test", batch_size, torch_device)
+    _, _, metrics = split_predictions(model, labelled, "test", batch_size, torch_device)
     n_parameters = sum(p.numel() for p in model.parameters())
     evaluation_command = f"se3t evaluate --model {name} --split test"
     pt_path, card_path = write_model(
@@ -543,7 +499,7 @@ def export(
         description,
     )
     console.print(metrics_table(metrics, f"{name}: test split, {len(labelled.split['test'])} molecules"))
-    console.print(f"wrote {pt_path} and {card_path}")
+    console.print(f"wrote {pt_path} and {card_path}", markup=False)
 
 
 def run() -> None:  # pragma: no cover - `python -m se3tcli`

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from se3tcli.batching import StaticShape, pad_batch
-from se3tcli.graph import Batch
+from se3tcli.graph import TENSOR_FIELDS, Batch
 from se3tcli.model.transformer import SE3Transformer
 
 _WARMUP_PASSES = 3  # eager passes on a side stream before capture (cuBLAS handles, allocator pools)
@@ -30,26 +30,26 @@ def autocast(enabled: bool) -> AbstractContextManager:
 def padded_inputs(
     model: SE3Transformer, batch: Batch, shape: StaticShape, edges_paired: bool
 ) -> tuple[torch.Tensor, ...]:
-    """``(z, pos, mol_index, edge_src, edge_dst)`` of a CPU ``batch`` padded to ``shape``, its elements
+    """The tensors (``Batch.tensors()``) of a CPU ``batch`` padded to ``shape``, its elements
     and edge order checked first (a replay cannot raise). ``edges_paired``: the edge order the graph was
     captured with; a paired capture computes radial features once per pair, so it needs paired edges."""
     model.check_elements(batch.z)
     padded = pad_batch(batch, shape, model.config.elements[0])
     if edges_paired and not padded.edges_paired:
         raise ValueError("this CUDA graph was captured for paired edges (batches built by collate)")
-    return padded.z, padded.pos, padded.mol_index, padded.edge_src, padded.edge_dst
+    return padded.tensors()
 
 
 def empty_batch(dtype: torch.dtype = torch.float32) -> Batch:
     """No molecules; its (no) edges count as paired, like those of every batch built by collate."""
-    long = torch.zeros(0, dtype=torch.long)
-    pos = torch.zeros(0, 3, dtype=dtype)
-    return Batch(z=long, pos=pos, mol_index=long, n_mol=0, edge_src=long, edge_dst=long, edges_paired=True)
+    empty = [torch.zeros(0, dtype=torch.long)] * len(TENSOR_FIELDS)
+    empty[TENSOR_FIELDS.index("pos")] = torch.zeros(0, 3, dtype=dtype)
+    return Batch.from_tensors(empty, n_mol=0, edges_paired=True)
 
 
 class _TensorForward(nn.Module):
-    """The model as a function of plain tensors (what ``make_graphed_callables`` takes):
-    ``(z, pos, mol_index, edge_src, edge_dst)`` -> predictions ``[n_mol, T]`` of ``targets``."""
+    """The model as a function of plain tensors (what ``make_graphed_callables`` takes): a batch's
+    ``Batch.tensors()`` -> predictions ``[n_mol, T]`` of ``targets``."""
 
     def __init__(self, model: SE3Transformer, n_mol: int, targets: tuple[str, ...], edges_paired: bool):
         super().__init__()
@@ -58,8 +58,8 @@ class _TensorForward(nn.Module):
         self.targets = targets
         self.edges_paired = edges_paired
 
-    def forward(self, z, pos, mol_index, edge_src, edge_dst) -> torch.Tensor:
-        out = self.model(Batch(z, pos, mol_index, self.n_mol, edge_src, edge_dst, self.edges_paired))
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        out = self.model(Batch.from_tensors(tensors, self.n_mol, self.edges_paired))
         return torch.stack([out[t] for t in self.targets], dim=1)
 
 
@@ -113,9 +113,8 @@ class GraphedInference:
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         static = self.static
-        targets = (static.z, static.pos, static.mol_index, static.edge_src, static.edge_dst)
         inputs = padded_inputs(self.model, batch, self.shape, static.edges_paired)
-        for target, value in zip(targets, inputs, strict=True):
+        for target, value in zip(static.tensors(), inputs, strict=True):
             target.copy_(value.pin_memory(), non_blocking=True)
         self.graph.replay()
         return {name: value[: batch.n_mol].clone() for name, value in self.outputs.items()}

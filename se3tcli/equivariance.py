@@ -16,7 +16,9 @@ import torch
 from e3nn import o3
 
 from se3tcli.graph import collate
+from se3tcli.model.config import preset
 from se3tcli.model.heads import MU_VECTOR
+from se3tcli.model.transformer import SE3Transformer
 
 TOLERANCE = {"float64": 1e-9, "float32": 1e-4}  # relative error bound per dtype
 TRANSFORMS = ("rotation", "translation", "permutation", "reflection", "rotation+translation+permutation")
@@ -125,3 +127,9 @@ def check_equivariance(
                     CheckResult(name, transform, abs_err, rel_err, tolerance, rel_err <= tolerance)
                 )
     return results
+
+
+def random_model(seed: int = 0) -> SE3Transformer:
+    """An untrained network of the paper's size (the ``base`` preset), its weights drawn with ``seed``."""
+    torch.manual_seed(seed)
+    return SE3Transformer.from_config(preset("base"))

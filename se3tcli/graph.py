@@ -20,6 +20,9 @@ DEFAULT_CUTOFF = 5.0  # Å
 _PAIR_CHUNK = 4_000_000
 
 
+TENSOR_FIELDS = ("z", "pos", "mol_index", "edge_src", "edge_dst")  # Batch's tensors, in this order
+
+
 @dataclass
 class Batch:
     """A batch of molecules as one disconnected graph."""
@@ -32,17 +35,19 @@ class Batch:
     edge_dst: torch.Tensor  # [n_edges] int64 receiver i
     edges_paired: bool = False  # True: edge 2p + 1 is edge 2p reversed (every graph built by collate)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensor fields in :data:`TENSOR_FIELDS` order (what a CUDA graph takes as inputs)."""
+        return tuple(getattr(self, name) for name in TENSOR_FIELDS)
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[torch.Tensor], n_mol: int, edges_paired: bool) -> Batch:
+        return cls(**dict(zip(TENSOR_FIELDS, tensors, strict=True)), n_mol=n_mol, edges_paired=edges_paired)
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
-        pos = self.pos.to(device=device, dtype=dtype or self.pos.dtype)
-        return Batch(
-            z=self.z.to(device),
-            pos=pos,
-            mol_index=self.mol_index.to(device),
-            n_mol=self.n_mol,
-            edge_src=self.edge_src.to(device),
-            edge_dst=self.edge_dst.to(device),
-            edges_paired=self.edges_paired,
-        )
+        """On ``device``; positions also in ``dtype`` if given (the index tensors stay int64)."""
+        moved = [t.to(device) for t in self.tensors()]
+        moved[TENSOR_FIELDS.index("pos")] = self.pos.to(device=device, dtype=dtype or self.pos.dtype)
+        return Batch.from_tensors(moved, self.n_mol, self.edges_paired)
 
     @property
     def n_atoms_per_mol(self) -> torch.Tensor:  # [n_mol] int64

@@ -16,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from se3tcli.errors import STATUS_ERROR, STATUS_WARNING
 from se3tcli.targets import PAPER_MAE, TARGETS
@@ -38,27 +39,33 @@ def predictions_table(rows: Sequence[tuple[Molecule, dict | None]], targets: Seq
     table.add_column("name", overflow="fold")
     table.add_column("formula")
     table.add_column("status")
-    for t in targets:
-        table.add_column(f"{t} [{TARGETS[t].unit}]", justify="right")
+    for t in targets:  # Text, not markup: "[eV]" would be read as a style
+        table.add_column(Text(f"{t} [{TARGETS[t].unit}]"), justify="right")
     for molecule, values in rows:
         style = _STATUS_STYLE.get(molecule.status, "")
         cells = [_fmt(values.get(t)) if values else "" for t in targets]
-        table.add_row(molecule.name, molecule.formula, f"[{style}]{molecule.status}[/]", *cells)
+        table.add_row(Text(plain(molecule.name)), molecule.formula, Text(molecule.status, style), *cells)
     return table
 
 
-def status_messages(rows: Sequence[tuple[Molecule, dict | None]]) -> list[str]:
+def status_messages(rows: Sequence[tuple[Molecule, dict | None]]) -> list[Text]:
     """One line per warning/error row (the messages name file, record and reason)."""
     return [
-        f"[{_STATUS_STYLE[m.status]}]{m.status}[/]: {m.message}"
+        Text.assemble((m.status, _STATUS_STYLE[m.status]), ": ", plain(m.message))
         for m, _ in rows
         if m.status != "ok" and m.message
     ]
 
 
+def plain(text: str) -> str:
+    """``text`` without control characters (escape sequences, bells, NUL), which would act on the
+    terminal instead of being shown; tabs and newlines become spaces."""
+    return "".join(" " if c in "\t\n\r" else c for c in text if c in "\t\n\r" or c.isprintable())
+
+
 def metrics_table(metrics: dict[str, dict], title: str) -> Table:
     """MAE/RMSE per target in error units, beside the SE(3)-Transformer paper's MAE where it has one."""
-    table = Table(title=title)
+    table = Table(title=Text(title))
     for name, justify in (("target", "left"), ("MAE", "right"), ("RMSE", "right"), ("unit", "left")):
         table.add_column(name, justify=justify)
     table.add_column("paper MAE", justify="right", style="dim")
@@ -81,7 +88,7 @@ def equivariance_table(results: Sequence[Any], dtype: str, device: str) -> Table
     for r in results:
         verdict = "[green]pass[/]" if r.passed else "[red]FAIL[/]"
         table.add_row(
-            r.molecule,
+            Text(plain(r.molecule)),
             r.transform,
             f"{r.max_abs_error:.2e}",
             f"{r.max_rel_error:.2e}",
@@ -101,7 +108,7 @@ def _flat(value: Any) -> str:
 
 def card_tables(card: dict[str, Any]) -> list[Table]:
     """A model card as a summary table plus, when it has them, the test errors beside the paper's."""
-    summary = Table(title=f"model {card.get('name', '')}", show_header=False)
+    summary = Table(title=Text(f"model {card.get('name', '')}"), show_header=False)
     summary.add_column("field", style="bold")
     summary.add_column("value", overflow="fold")
     training = card.get("training", {})
@@ -123,7 +130,7 @@ def card_tables(card: dict[str, Any]) -> list[Table]:
     }
     for key, value in rows.items():
         if value not in (None, "", {}, []):
-            summary.add_row(key, _flat(value))
+            summary.add_row(key, Text(plain(_flat(value))))
     tables = [summary]
     errors = card.get("test_errors")
     if errors:
@@ -158,7 +165,7 @@ class RichTrainingReporter(TrainingReporter):
         self.task = None
 
     def start(self, total_steps: int, done_steps: int, info: dict[str, Any]) -> None:
-        self.console.print(f"training on {info['device']} -> {info['out']}")
+        self.console.print(f"training on {info['device']} -> {info['out']}", markup=False)
         self.progress.start()
         self.task = self.progress.add_task("train", total=total_steps, completed=done_steps)
 
@@ -172,7 +179,7 @@ class RichTrainingReporter(TrainingReporter):
         )
 
     def message(self, text: str) -> None:
-        self.progress.console.print(text)
+        self.progress.console.print(text, markup=False)
 
     def stop(self) -> None:
         self.progress.stop()

@@ -30,18 +30,18 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("mu", "dipole moment |μ|", "D", "D", 1.0, False, "D", 1.0),
-        Target("alpha", "isotropic polarizability", "bohr³", "bohr³", 1.0, False, "bohr³", 1.0),
+        Target("alpha", "isotropic polarizability", "bohr³", "bohr³", 1.0, True, "bohr³", 1.0),
         Target("homo", "HOMO energy", "eV", "Ha", HARTREE_TO_EV, False, "meV", 1000.0),
         Target("lumo", "LUMO energy", "eV", "Ha", HARTREE_TO_EV, False, "meV", 1000.0),
         Target("gap", "HOMO-LUMO gap", "eV", "Ha", HARTREE_TO_EV, False, "meV", 1000.0),
-        Target("r2", "electronic spatial extent <R²>", "bohr²", "bohr²", 1.0, False, "bohr²", 1.0),
+        Target("r2", "electronic spatial extent <R²>", "bohr²", "bohr²", 1.0, True, "bohr²", 1.0),
         Target("zpve", "zero-point vibrational energy", "eV", "Ha", HARTREE_TO_EV, True, "meV", 1000.0),
         Target("U0", "internal energy at 0 K", "eV", "Ha", HARTREE_TO_EV, True, "meV", 1000.0),
         Target("U", "internal energy at 298.15 K", "eV", "Ha", HARTREE_TO_EV, True, "meV", 1000.0),
         Target("H", "enthalpy at 298.15 K", "eV", "Ha", HARTREE_TO_EV, True, "meV", 1000.0),
         Target("G", "free energy at 298.15 K", "eV", "Ha", HARTREE_TO_EV, True, "meV", 1000.0),
         Target(
-            "Cv", "heat capacity at 298.15 K", "cal/(mol·K)", "cal/(mol·K)", 1.0, False, "cal/(mol·K)", 1.0
+            "Cv", "heat capacity at 298.15 K", "cal/(mol·K)", "cal/(mol·K)", 1.0, True, "cal/(mol·K)", 1.0
         ),
     )
 }

@@ -24,11 +24,11 @@ from se3tcli.io import (
     InputError,
     Molecule,
     PredictionWriter,
-    _close_pair,
     check_inputs,
     read_molecules,
     writer_formats,
 )
+from se3tcli.io.molecule import close_pair
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_molecules"
 QM9_NAMES = [f"gdb_{i}" for i in (1, 2, 3, 5, 20, 829, 1000, 4208, 20000, 100000)]
@@ -353,14 +353,14 @@ def test_close_pair_matches_brute_force():
         for scale in (0.3, 3.0):
             pos = rng.uniform(0, scale * n ** (1 / 3), size=(n, 3))
             d = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.eye(n) * 1e9
-            found = _close_pair(pos, 0.1)
+            found = close_pair(pos, 0.1)
             assert (found is not None) == bool((d < 0.1).any())
             if found is not None:
                 i, j, dist = found
                 assert dist == pytest.approx(d[i, j]) and dist < 0.1
     line = np.zeros((1000, 3))
     line[:, 0] = np.arange(1000) * 0.2  # Å
-    assert _close_pair(line, 0.1) is None
+    assert close_pair(line, 0.1) is None
 
 
 # ------------------------------------------------------------------------------------------- fuzzing

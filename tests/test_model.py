@@ -1,5 +1,6 @@
 """Tests of the SE(3)-Transformer (se3tcli.model): equivariance of every block with e3nn's checker, E(3)
-invariances of the whole model, the e3nn oracle, continuity at the cutoff, gradients and the config.
+invariances of the whole model, the e3nn oracle, one contract over every attention backend (equivariance,
+agreement with the reference, gradients), continuity at the cutoff, gradients and the config.
 
 Everything runs on tiny configurations (8 channels, 2 heads, degrees 0-2, 2 layers) so the file stays fast
 on a busy CPU; the presets are only built where a test is about them.
@@ -18,9 +19,20 @@ import torch
 from conftest import ELEMENTS, random_molecule  # noqa: I001 - the tests folder's shared helpers
 from e3nn import o3
 from e3nn.util.test import assert_equivariant, equivariance_error
+from helpers import TINY_MODEL as TINY
+from helpers import (
+    InferenceAdapter,
+    ModelAdapter,
+    kernel_calls,
+    make_model,
+    max_rel_diff,
+    needs_compiler,
+    with_edge_order,
+)
 
 from se3tcli.graph import Batch, collate, radius_graph
 from se3tcli.model.attention import segment_softmax
+from se3tcli.model.backend import BACKENDS, BackendUnavailable, resolve
 from se3tcli.model.basis import feature_irreps, from_e3nn, to_e3nn
 from se3tcli.model.config import PRESETS, ModelConfig, preset
 from se3tcli.model.heads import MU_VECTOR
@@ -28,9 +40,6 @@ from se3tcli.model.norm import GateActivation, NormActivation
 from se3tcli.model.transformer import SE3Transformer, UnsupportedElementError
 from se3tcli.targets import QM9_TARGETS
 
-TINY = ModelConfig(
-    channels=8, n_heads=2, lmax=2, n_layers=2, n_radial=6, radial_hidden=8, readout_hidden=8, cutoff=3.5
-)
 MIRROR = np.diag([-1.0, 1.0, 1.0])  # x -> -x
 
 
@@ -71,30 +80,9 @@ def molecules(seed: int, sizes=(9, 5, 12), elements=ELEMENTS) -> list[tuple[np.n
     return [random_molecule(rng, n, elements=elements) for n in sizes]
 
 
-def make_model(config: ModelConfig = TINY, dtype: torch.dtype = torch.float64) -> SE3Transformer:
-    """A model with non-trivial statistics (mean, std, atom references): outputs in 'physical units'."""
-    model = SE3Transformer(config).to(dtype)
-    gen = np.random.default_rng(11)
-    names = model.readout.scalar_targets
-    model.set_statistics(
-        mean={t: float(gen.normal()) for t in names},
-        std={t: float(gen.uniform(0.5, 2.0)) for t in names},
-        atom_refs={
-            t: gen.normal(size=len(config.elements)) * 10 for t in ("U0", "U", "H", "G") if t in names
-        },
-    )
-    return model.eval()
-
-
 def predict(model: SE3Transformer, mols, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         return model(collate(mols, model.config.cutoff, dtype=dtype))
-
-
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest |a - b| over all outputs, relative to each output's magnitude (at least 1)."""
-    assert a.keys() == b.keys()
-    return max(float((a[k] - b[k]).abs().max() / max(float(b[k].abs().max()), 1.0)) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,15 +93,6 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 def graph_batch(z: torch.Tensor, positions: torch.Tensor, mol_index: torch.Tensor, n_mol: int, cutoff: float):
     src, dst = radius_graph(positions, mol_index, n_mol, cutoff)
     return Batch(z, positions, mol_index, n_mol, edge_src=src, edge_dst=dst, edges_paired=True)
-
-
-def with_edge_order(batch: Batch, paired: bool, seed: int = 5) -> Batch:
-    """``batch`` as built (reverse pairs), or with its edges shuffled and marked unpaired."""
-    if paired:
-        return batch
-    order = torch.from_numpy(np.random.default_rng(seed).permutation(batch.edge_src.numel()))
-    src, dst = batch.edge_src[order], batch.edge_dst[order]
-    return Batch(batch.z, batch.pos, batch.mol_index, batch.n_mol, edge_src=src, edge_dst=dst)
 
 
 class _GeometryAdapter(torch.nn.Module):
@@ -174,27 +153,6 @@ class ActivationAdapter(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return to_e3nn(self.activation(from_e3nn(features, self.channels, self.lmax)), self.lmax)
-
-
-class ModelAdapter(torch.nn.Module):
-    """``positions [n_atoms, 3] -> (scalar targets [n_mol, T] as Tx0e, mu_vector [n_mol, 3] as 1o)``, through
-    ``collate`` (the real entry point: float64 centring, radius graph) in the model's dtype."""
-
-    def __init__(self, model: SE3Transformer, numbers: list[np.ndarray], dtype: torch.dtype):
-        super().__init__()
-        self.model, self.numbers, self.dtype = model, numbers, dtype
-        self.scalars = model.readout.scalar_targets
-        self.irreps_in = ["cartesian_points"]
-        self.irreps_out = [o3.Irreps(f"{len(self.scalars)}x0e"), o3.Irreps("1o")]
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = positions.detach().double().numpy()
-        splits = np.cumsum([len(z) for z in self.numbers])[:-1]
-        batch = collate(
-            list(zip(self.numbers, np.split(pos, splits), strict=True)), self.model.config.cutoff, self.dtype
-        )
-        out = self.model(batch)
-        return torch.stack([out[t] for t in self.scalars], dim=1), out[MU_VECTOR]
 
 
 def check_equivariance(adapter, args_in, name: str, dtype: torch.dtype) -> None:
@@ -365,9 +323,9 @@ def test_fast_path_matches_e3nn_oracle(
     batch = with_edge_order(collate(molecules(7, sizes=(8, 5)), config.cutoff, dtype=torch.float64), paired)
     with torch.no_grad():
         fast = model(batch)
-        model.use_reference(True)
+        model.set_backend("reference")
         oracle = model(batch)
-        model.use_reference(False)
+        model.set_backend("auto")
         # the convolution alone, on random features of every degree (layer 0 only ever sees scalars)
         geometry = model.geometry(batch)
         x = torch.randn(batch.pos.shape[0], config.channels, (config.lmax + 1) ** 2).index_select(
@@ -375,21 +333,22 @@ def test_fast_path_matches_e3nn_oracle(
         )
         conv = model.layers[1].attention.key_value
         conv_fast, conv_oracle = conv(x, geometry), conv.reference(x, geometry)
-    assert all(layer.attention.use_reference is False for layer in model.layers)
+    assert all(layer.attention.backend == "auto" for layer in model.layers)
     assert max_rel_diff(fast, oracle) < 1e-10
     assert float((conv_fast - conv_oracle).abs().max() / conv_oracle.abs().max()) < 1e-10
 
 
-def _loss_gradients(model: SE3Transformer, batch: Batch) -> dict[str, torch.Tensor]:
-    """Gradients of a loss over every output with respect to the parameters and the atom positions."""
+def _loss_gradients(model: SE3Transformer, batch: Batch, forces: bool = True) -> dict[str, torch.Tensor]:
+    """Gradients of a loss over every output with respect to the parameters and (``forces``) the atom
+    positions."""
     model.zero_grad(set_to_none=True)
-    positions = batch.pos.clone().requires_grad_(True)
+    positions = batch.pos.clone().requires_grad_(forces)
     moved = Batch(
         batch.z, positions, batch.mol_index, batch.n_mol, batch.edge_src, batch.edge_dst, batch.edges_paired
     )
     sum((v - 0.3).pow(2).sum() for v in model(moved).values()).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    return grads | {"positions": positions.grad}
+    return grads | ({"positions": positions.grad} if forces else {})
 
 
 @pytest.mark.parametrize("kernel, paired", [("depthwise", True), ("depthwise", False), ("full", True)])
@@ -399,12 +358,111 @@ def test_fast_path_gradients_match_e3nn_oracle(float64: None, kernel: str, paire
     model = make_model(TINY.replace(kernel=kernel)).train()
     batch = with_edge_order(collate(molecules(3, sizes=(7, 4)), TINY.cutoff, dtype=torch.float64), paired)
     fast = _loss_gradients(model, batch)
-    model.use_reference(True)
+    model.set_backend("reference")
     oracle = _loss_gradients(model, batch)
     assert fast.keys() == oracle.keys() and "positions" in fast
     for name, grad in oracle.items():
         scale = max(float(grad.abs().max()), 1e-6)
         assert float((fast[name] - grad).abs().max()) / scale < 1e-9, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one contract over every attention backend (as nequip's model test mixins run theirs over every model)
+
+
+@pytest.fixture(
+    params=[pytest.param(name, marks=needs_compiler if name == "fused_cpu" else ()) for name in BACKENDS]
+)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every attention backend; fused_cpu where a C compiler exists (where one exists but the kernel cannot
+    be built or loaded, ``set_backend`` raises and the test fails)."""
+    return request.param
+
+
+def _oracle(backend: str) -> str:
+    """What a backend is checked against: the e3nn reference; the reference itself against PyTorch."""
+    return "torch" if backend == "reference" else "reference"
+
+
+def _kernel_layers(backend: str, model: SE3Transformer) -> int:
+    """How many layer calls of a pass (positions without gradients) run the fused kernel under ``backend``."""
+    return model.config.n_layers if resolve(backend).backend == "fused_cpu" else 0
+
+
+def test_backend_is_equivariant(backend: str, float64: None, monkeypatch) -> None:
+    """float64 inference, TF32 off: e3nn's check (rotations from ``o3.rand_matrix``, reflections and
+    translations) at 1e-9, and one more ``o3.rand_matrix`` rotation, alone and with a reflection, of the
+    scalar targets and the dipole vector."""
+    model = make_model()
+    model.set_backend(backend)
+    mols = molecules(2, sizes=(9, 6))
+    adapter = InferenceAdapter(model, [z for z, _ in mols], torch.float64)
+    positions = torch.from_numpy(np.concatenate([p for _, p in mols]))
+    shift = torch.tensor([0.3, -1.2, 2.0])  # Å
+    with kernel_calls(monkeypatch) as calls:
+        assert_equivariant(adapter, args_in=[positions], tolerance=1e-9)
+        scalars, dipoles = adapter(positions)
+        rotation = o3.rand_matrix(dtype=torch.float64)
+        for transform in (rotation, -rotation):
+            moved_scalars, moved_dipoles = adapter(positions @ transform.T + shift)
+            assert torch.allclose(moved_scalars, scalars, rtol=1e-9, atol=1e-9)
+            assert torch.allclose(moved_dipoles, dipoles @ transform.T, rtol=1e-9, atol=1e-9)
+    assert float(dipoles.abs().max()) > 1e-6  # a vector that really turns
+    assert bool(calls["forward"]) == bool(_kernel_layers(backend, model))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_backend_agrees_with_the_reference(backend: str, paired: bool, float64: None, monkeypatch) -> None:
+    """Inference in float64, both edge orders, a lone atom included: within 1e-10 of the e3nn reference
+    (the reference: of PyTorch)."""
+    model = make_model()
+    mols = molecules(7, sizes=(8, 5, 1))
+    batch = with_edge_order(collate(mols, TINY.cutoff, dtype=torch.float64), paired)
+    model.set_backend(_oracle(backend))
+    with torch.no_grad():
+        expected = model(batch)
+    model.set_backend(backend)
+    with kernel_calls(monkeypatch) as calls, torch.no_grad():
+        out = model(batch)
+    assert calls["forward"] == _kernel_layers(backend, model)
+    assert max_rel_diff(out, expected) < 1e-10
+
+
+def test_backend_gradients_agree_with_the_reference(backend: str, float64: None, monkeypatch) -> None:
+    """Training in float64: every parameter's gradient within 1e-9 of the reference's (through the kernel's
+    own backward where it runs), and the positions' (forces) where the backend gives them; fused_cpu refuses
+    those with BackendUnavailable rather than running PyTorch under its name."""
+    model = make_model().train()
+    batch = collate(molecules(3, sizes=(7, 4)), TINY.cutoff, dtype=torch.float64)
+    model.set_backend(_oracle(backend))
+    expected = _loss_gradients(model, batch)
+    model.set_backend(backend)
+    with kernel_calls(monkeypatch) as calls:
+        grads = _loss_gradients(model, batch, forces=False)
+    assert calls["backward"] == _kernel_layers(backend, model)
+    if backend == "fused_cpu":
+        with pytest.raises(BackendUnavailable, match="gradients of the positions"):
+            _loss_gradients(model, batch)
+        del expected["positions"]
+    else:
+        grads["positions"] = _loss_gradients(model, batch)["positions"]
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        scale = max(float(grad.abs().max()), 1e-6)
+        assert float((grads[name] - grad).abs().max()) / scale < 1e-9, name
+
+
+def test_the_backend_belongs_to_the_model_object_not_its_config() -> None:
+    """Checkpoints keep loading: the choice changes neither the config nor the state dict."""
+    model = make_model()
+    config, keys = model.config.to_json(), list(model.state_dict())
+    assert model.backend == "auto"
+    model.set_backend("torch")
+    assert model.backend == "torch" and all(layer.attention.backend == "torch" for layer in model.layers)
+    assert model.config.to_json() == config and list(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
+        model.set_backend("cuda")
+    assert model.backend == "torch"
 
 
 # ----------------------------------------------------------------------------------------------------------

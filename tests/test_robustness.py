@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import signal
+import stat
 import subprocess
 import time
 import tracemalloc
@@ -18,6 +20,7 @@ from typer.testing import CliRunner
 
 from se3tcli.checkpoint import checkpoint_dict, load_model, save_checkpoint
 from se3tcli.cli import app
+from se3tcli.files import atomic_write
 from se3tcli.io import read_molecules
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
@@ -173,6 +176,21 @@ def _wait_for(predicate, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_atomic_write_replaces_a_file_only_when_complete(tmp_path):
+    target = tmp_path / "card.json"
+    target.write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_write(target) as handle:
+        handle.write("half")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+    with atomic_write(target, "wb") as handle:
+        handle.write(b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644 & ~umask
 
 
 @pytest.mark.slow

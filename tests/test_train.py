@@ -74,8 +74,7 @@ def test_overfits_32_molecules(tmp_path: Path) -> None:
     small = dict(channels=16, n_heads=2, lmax=1, n_layers=1, radial_hidden=16, readout_hidden=32, n_radial=8)
     options = TrainOptions(
         targets=("homo", "gap"),
-        model_overrides=small,
-        cutoff=3.0,
+        model_overrides=small | {"cutoff": 3.0},
         limit=40,  # 32 / 4 / 4
         batch_size=32,
         epochs=100,
@@ -164,7 +163,9 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path) -> None
     a = read_checkpoint(tmp_path / "whole" / "last.pt")["resume"]
     b = read_checkpoint(parts / "last.pt")["resume"]
     _assert_same_tensors(a["optimizer"], b["optimizer"])
+    _assert_same_tensors(a["training_weights"], b["training_weights"])  # the live weights behind the EMA
     assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"] == 6
+    assert a["ema"] == b["ema"] == {"decay": 0.999, "updates": 6}
     assert json.loads((parts / "test_metrics.json").read_text()) == json.loads(
         (tmp_path / "whole" / "test_metrics.json").read_text()
     )

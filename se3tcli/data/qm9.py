@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import os
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from se3tcli.files import atomic_write
+from se3tcli.paths import CACHE_ENV as CACHE_ENV  # re-exported: se3tcli.data.qm9.CACHE_ENV
+from se3tcli.paths import default_cache_dir
 from se3tcli.targets import QM9_TARGETS, TARGETS
 
-CACHE_ENV = "SE3T_CACHE_DIR"  # overrides the cache directory
 CACHE_FILE = "qm9_v1.npz"
 CACHE_VERSION = 1  # bump when the cache layout or content changes; older caches are rebuilt
 
@@ -132,15 +132,6 @@ class QM9Data:
         )
 
 
-def default_cache_dir() -> Path:
-    """``$SE3T_CACHE_DIR``, else ``$XDG_CACHE_HOME/se3t``, else ``~/.cache/se3t``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "se3t"
-    return Path.home() / ".cache" / "se3t"
-
-
 def load_qm9(
     cache_dir: str | Path | None = None,
     rebuild: bool = False,
@@ -189,13 +180,8 @@ def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write a compressed ``.npz`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
 
 
 def _qm9pack_data_dir() -> Path:

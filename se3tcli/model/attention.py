@@ -17,10 +17,12 @@ import math
 import torch
 from torch import nn
 
-from se3tcli.model import fused_cpu
+from se3tcli.model.backend import LayerCall, resolve
 from se3tcli.model.basis import AngularBasis, EdgeGeometry, degree_slice, polynomial_envelope
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.convolution import EdgeConvolution
+from se3tcli.model.fused_cpu import call as fused_call
+from se3tcli.model.fused_cpu.blocks import ReceiverBlocks
 from se3tcli.model.linear import DegreeLinear
 
 # CPU inference convolves blocks of edges whose largest intermediate holds about this many numbers
@@ -91,26 +93,27 @@ class EquivariantAttention(nn.Module):
             self.self_interaction: nn.Module = DegreeLinear(c, c, lmax)
         else:
             self.self_interaction = AttentiveSelfInteraction(c, lmax)
-        self.use_reference = False  # True: convolution through e3nn's TensorProduct (oracle)
+        self.backend = "auto"  # see se3tcli.model.backend; set by SE3Transformer.set_backend
 
     def attention_weights(self, x: torch.Tensor, geometry: EdgeGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """``α [E, H]`` and the values ``v [E, C, D]``."""
+        """``α [E, H]`` and the values ``v [E, C, D]``, with PyTorch operations (the fused kernel never
+        writes per-edge weights), through e3nn's convolution under the ``reference`` backend."""
         x_last = x.transpose(1, 2).contiguous()  # [n, D, C]
-        alpha, values = self._attend(x_last, self.query(x_last), geometry)
+        alpha, values = self._attend(x_last, self.query(x_last), geometry, self.backend == "reference")
         return alpha, torch.cat(values).transpose(1, 2)
 
     def _attend(
-        self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry
+        self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry, reference: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Features and queries ``[n, D, C]`` -> ``α [E, H]`` and the channels-last values ``[B, D, C]`` of
-        each block of edges.
+        each block of edges; ``reference``: keys and values through e3nn's TensorProduct.
 
         One block, except in CPU inference: there blocks of edges keep the per-edge intermediates in cache
         and on pages the allocator reuses (a large tensor is mapped, and page-faulted in, anew every time).
         """
         n_edges, dim, c = geometry.src.shape[0], x_last.shape[1], x_last.shape[2]
         head_channels = c // self.n_heads
-        layer = None if self.use_reference else self.key_value.term_layer()
+        layer = None if reference else self.key_value.term_layer()
         block = max(n_edges, 1)
         if layer is not None and x_last.device.type == "cpu" and not torch.is_grad_enabled():
             per_edge = max(layer[0].shape[0], self.key_value.terms_per_edge)  # the largest intermediate's
@@ -134,20 +137,25 @@ class EquivariantAttention(nn.Module):
     def forward(self, x: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
         x_last = x.transpose(1, 2).contiguous()  # [n, D, C]: channels last inside the layer
         queries = self.query(x_last)  # [n, D, C]
-        blocks = self._fused_blocks(x, geometry)
-        if blocks is None:
-            aggregated = self._aggregate(x_last, queries, geometry)  # [n, D, C]
+        conv = self.key_value
+        per_row = conv.angular.n_coefficients * conv.n_kernels * conv.channels  # [S, K, C] per row
+        choice = resolve(self.backend, LayerCall(x, geometry, conv.kernel, per_row))
+        # aggregated: [n, D, C]
+        if choice.backend == "fused_cpu":
+            aggregated = self._aggregate_fused(x_last, queries, geometry, choice.blocks)
         else:
-            aggregated = self._aggregate_fused(x_last, queries, geometry, blocks)
+            aggregated = self._aggregate(x_last, queries, geometry, reference=choice.backend == "reference")
         gate = neighbourhood_gate(geometry.envelope, geometry.dst, x.shape[0])  # [n], 1 unless isolated
         aggregated = aggregated * gate[:, None, None]
         if self.value_mix is not None:
             aggregated = self.value_mix(aggregated)
         return (self.self_interaction(x_last) + aggregated).transpose(1, 2)
 
-    def _aggregate(self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry) -> torch.Tensor:
+    def _aggregate(
+        self, x_last: torch.Tensor, queries: torch.Tensor, geometry: EdgeGeometry, reference: bool
+    ) -> torch.Tensor:
         """``Σ_j α_ij v_ij``, channels last ``[n, D, C]``, with PyTorch operations."""
-        alpha, values = self._attend(x_last, queries, geometry)
+        alpha, values = self._attend(x_last, queries, geometry, reference)
         n_nodes, dim, c = x_last.shape
         alpha = alpha.repeat_interleave(c // self.n_heads, dim=1)  # [E, C]: each channel's head weight
         aggregated = x_last.new_zeros(
@@ -161,38 +169,20 @@ class EquivariantAttention(nn.Module):
             aggregated.index_add_(0, geometry.dst[edges], messages)
         return aggregated
 
-    def _fused_blocks(self, x: torch.Tensor, geometry: EdgeGeometry) -> fused_cpu.ReceiverBlocks | None:
-        """The receiver blocks of the fused CPU kernel, or None where the kernel does not apply (see
-        :func:`~se3tcli.model.fused_cpu.applies`) or where one molecule's frame coefficients would exceed
-        ``MAX_BLOCK_COEFFICIENTS`` (thousands of atoms: the PyTorch path works in bounded blocks of edges)."""
-        if self.use_reference or self.key_value.kernel != "depthwise" or not fused_cpu.applies(x, geometry):
-            return None
-        conv = self.key_value
-        per_row = conv.angular.n_coefficients * conv.n_kernels * conv.channels  # [S, K, C] per pair
-        rows_per_block = max(1, fused_cpu.BLOCK_COEFFICIENTS // per_row)
-        key = ("receiver_blocks", rows_per_block)
-        if key not in geometry.derived:  # the same for every layer of a forward pass
-            geometry.derived[key] = fused_cpu.receiver_blocks(
-                geometry.dst, x.shape[0], geometry.edges_per_row, rows_per_block
-            )
-        blocks = geometry.derived[key]
-        return None if blocks.largest_rows * per_row > fused_cpu.MAX_BLOCK_COEFFICIENTS else blocks
-
     def _aggregate_fused(
         self,
         x_last: torch.Tensor,
         queries: torch.Tensor,
         geometry: EdgeGeometry,
-        blocks: fused_cpu.ReceiverBlocks,
+        blocks: ReceiverBlocks,
     ) -> torch.Tensor:
         """The same as :meth:`_aggregate` through the fused CPU kernel."""
-        angular = self.key_value.angular
-        return fused_cpu.attention(
+        return fused_call.attention(
             self.key_value.term_layer(),  # (weight [S·2·C, H], bias)
             features=x_last,
             queries=queries,
             geometry=geometry,
             blocks=blocks,
             n_heads=self.n_heads,
-            tables=(angular.term_rows_in, angular.term_rows_out, angular.n_coefficients, angular.n_axial),
+            tables=fused_call.TermTables.of(self.key_value.angular),
         )

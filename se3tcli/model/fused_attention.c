@@ -25,6 +25,7 @@
 
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -54,6 +55,10 @@ typedef struct {
     void *grad_coefficients;                   /* [edges of the call, S, 2, C]: edge e at e - first_row * edges_per_row */
     int64_t n_nodes;
 } se3t_attention_grads;
+
+/* The sizes of the two structures: fused_cpu checks them against its ctypes mirrors when it loads the library. */
+size_t se3t_args_size(void) { return sizeof(se3t_attention_args); }
+size_t se3t_grads_size(void) { return sizeof(se3t_attention_grads); }
 
 /* The coefficient s of frame term t: terms -|m| (t >= S) share the coefficient of their +|m| term. */
 static inline int64_t term_coefficient(const se3t_attention_args *args, int64_t term) {

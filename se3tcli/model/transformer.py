@@ -8,6 +8,7 @@ from torch import nn
 
 from se3tcli.graph import Batch
 from se3tcli.model.attention import EquivariantAttention
+from se3tcli.model.backend import resolve
 from se3tcli.model.basis import AngularBasis, BesselBasis, EdgeGeometry
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.heads import Readout
@@ -80,10 +81,20 @@ class SE3Transformer(nn.Module):
                     np.asarray(atom_refs[t]), dtype=readout.atom_refs.dtype
                 )
 
-    def use_reference(self, enabled: bool = True) -> None:
-        """Route every convolution through e3nn's TensorProduct (the oracle) instead of the fast path."""
+    @property
+    def backend(self) -> str:
+        """The attention layers' implementation, as requested (see :meth:`set_backend`)."""
+        return self.layers[0].attention.backend
+
+    def set_backend(self, backend: str) -> None:
+        """Run the attention layers with ``backend`` (:data:`~se3tcli.model.backend.BACKENDS`): ``auto`` (the
+        default), ``torch``, ``fused_cpu`` or ``reference`` (e3nn's TensorProduct, the oracle); see
+        :mod:`se3tcli.model.backend`. A property of this object, not saved with the model. Raises ValueError
+        for an unknown name and :class:`~se3tcli.model.backend.BackendUnavailable` for ``fused_cpu`` where
+        the kernel cannot be built or loaded (calls it cannot run raise later, in the forward pass)."""
+        resolve(backend)
         for layer in self.layers:
-            layer.attention.use_reference = enabled
+            layer.attention.backend = backend
 
     def geometry(self, batch: Batch) -> EdgeGeometry:
         src, dst = batch.edge_src, batch.edge_dst

@@ -1,0 +1,63 @@
+"""What the file readers share: the :class:`FileReader` interface, :func:`read_file`, which opens a file
+and ends it the same way for every format, and text lines of bounded length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from se3tcli.io.molecule import Molecule, Record, reason
+
+MAX_LINE_CHARS = 1 << 20  # longest text line the XYZ/SMILES readers accept (1 MiB)
+
+
+@dataclass(frozen=True)
+class FileReader:
+    """One input format: ``open(path)`` gives the handle that ``rows(handle, source, embed, seed)`` reads.
+
+    ``rows`` yields one row per record, with record indices 0, 1, 2, ...; it turns problems of a record
+    into that record's error row and lets errors of the stream itself (I/O, decompression) propagate.
+    """
+
+    open: Callable[[str | Path], IO]
+    rows: Callable[[IO, str, bool, int], Iterator[Molecule]]
+
+
+def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
+    """The rows of one file, plus an error row where the file cannot be opened, where reading it fails
+    (at the record where it happened; the rest of the file is lost), or when it has no records at all."""
+    source = str(path)
+    try:
+        handle = reader.open(path)
+    except OSError as exc:
+        yield Record(source, 0).error(f"cannot open file: {reason(exc)}")
+        return
+    count = 0  # rows so far, which is the index of the next record
+    with handle:
+        try:
+            for row in reader.rows(handle, source, embed, seed):
+                yield row
+                count += 1
+        except Exception as exc:  # I/O or decompression errors of the underlying stream
+            yield Record(source, count).error(f"cannot read the rest of the file: {reason(exc)}")
+            return
+    if count == 0:
+        yield Record(source, 0).error("no molecules found")
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """A text input file; bytes that are not UTF-8 become U+FFFD, so decoding never fails."""
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def text_lines(handle: IO[str]) -> Iterator[str | None]:
+    """Lines of a text file; None for a line longer than ``MAX_LINE_CHARS`` (the rest of it is skipped)."""
+    while line := handle.readline(MAX_LINE_CHARS):
+        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+            while (rest := handle.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+                pass
+            yield None
+        else:
+            yield line

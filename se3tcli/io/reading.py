@@ -1,0 +1,84 @@
+"""Reading molecules from files and SMILES strings: the registry of file readers by suffix."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from se3tcli.errors import InputError
+from se3tcli.io.filereader import FileReader, read_file
+from se3tcli.io.molecule import Molecule
+from se3tcli.io.sdf import SDF_READER
+from se3tcli.io.smiles import SMILES_READER, read_smiles_strings
+from se3tcli.io.xyz import XYZ_READER
+
+# Matched case-insensitively against the end of the file name, in this order.
+_READER_BY_SUFFIX: dict[str, FileReader] = {
+    ".sdf": SDF_READER,
+    ".sdf.gz": SDF_READER,
+    ".mol": SDF_READER,
+    ".xyz": XYZ_READER,
+    ".extxyz": XYZ_READER,
+    ".smi": SMILES_READER,
+    ".smiles": SMILES_READER,
+    ".txt": SMILES_READER,
+}
+SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_READER_BY_SUFFIX)
+
+
+def _reader_of(path: str | Path) -> FileReader | None:
+    name = Path(path).name.lower()
+    return next((reader for suffix, reader in _READER_BY_SUFFIX.items() if name.endswith(suffix)), None)
+
+
+def check_inputs(paths: Iterable[str | Path]) -> None:
+    """Raise :class:`InputError` for a missing or unreadable file, a directory or an unsupported suffix."""
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"input file not found: {path}")
+        if p.is_dir():
+            raise InputError(f"input is a directory, not a file: {path}")
+        if _reader_of(p) is None:
+            raise InputError(f"unsupported input format: {path} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
+        if not os.access(p, os.R_OK):
+            raise InputError(f"input file is not readable: {path}")
+
+
+def read_molecules(
+    paths: Iterable[str | Path] = (), smiles: Iterable[str] = (), embed: bool = True, seed: int = 42
+) -> Iterator[Molecule]:
+    """Read molecules lazily from files (in the order given), then from SMILES strings.
+
+    Parameters
+    ----------
+    paths
+        Input files; the suffix picks the reader (see :data:`SUPPORTED_SUFFIXES`).
+    smiles
+        SMILES strings, each optionally followed by whitespace and a name.
+    embed
+        Generate missing 3D conformers and hydrogens for SDF records (as warnings); with ``False`` such
+        records are errors. SMILES are always embedded.
+    seed
+        Random seed of the ETKDGv3 conformer generator.
+
+    Returns
+    -------
+    Iterator over :class:`Molecule` records, one per input record, error rows included.
+
+    Raises
+    ------
+    InputError
+        Immediately (before any record is produced) for missing files or unsupported suffixes.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    smiles = [smiles] if isinstance(smiles, str) else list(smiles)
+    check_inputs(paths)
+    return _iter_molecules(paths, smiles, embed, seed)
+
+
+def _iter_molecules(paths: list[str | Path], smiles: list[str], embed: bool, seed: int) -> Iterator[Molecule]:
+    for path in paths:
+        yield from read_file(path, _reader_of(path), embed, seed)
+    yield from read_smiles_strings(smiles, seed)

@@ -1,0 +1,74 @@
+"""SMILES files and strings: one SMILES per line with an optional name after it.
+
+In files, blank lines and ``#`` comments are skipped, and so is a header line whose first word is
+``smiles`` or ``smi`` (any case). SMILES get hydrogens and an ETKDGv3 + MMFF94 conformer (UFF when MMFF94
+has no parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+from rdkit import Chem
+
+from se3tcli.io.conformers import generate_conformer
+from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, open_text, text_lines
+from se3tcli.io.molecule import SMILES_SOURCE, Molecule, Record, element_problem, guarded
+from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
+
+_HEADER_WORDS = {"smiles", "smi"}
+
+
+def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Molecule]:
+    """Rows of a SMILES file; SMILES are always embedded, whatever ``embed`` says."""
+    index = 0
+    for line in text_lines(handle):
+        record = Record(source, index)
+        if line is None:
+            yield record.error(f"line longer than {MAX_LINE_CHARS} characters")
+            index += 1
+            continue
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        smiles, name = _split_line(text)
+        if index == 0 and smiles.lower() in _HEADER_WORDS:
+            continue
+        yield guarded(_from_smiles, record, smiles, name, seed)
+        index += 1
+
+
+SMILES_READER = FileReader(open=open_text, rows=_rows)
+
+
+def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Molecule]:
+    """One row per string "SMILES [name ...]", with source ``SMILES_SOURCE``."""
+    for index, line in enumerate(lines):
+        smiles, name = _split_line(line)
+        yield guarded(_from_smiles, Record(SMILES_SOURCE, index), smiles, name, seed)
+
+
+def _split_line(line: str) -> tuple[str, str]:
+    """(SMILES, name) from "SMILES [name ...]"; the name is "" when absent."""
+    parts = line.strip().split(None, 1)
+    return (parts[0], parts[1].strip()) if len(parts) == 2 else ("".join(parts), "")
+
+
+def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Molecule:
+    name = name.strip() or smiles
+    with RDKitLog() as log:
+        mol = Chem.MolFromSmiles(smiles)
+        if mol is None:
+            return record.error(f"cannot parse SMILES {smiles!r}: {log.reason('invalid SMILES')}", name)
+        numbers, symbols = atoms_of(mol)
+        problem = element_problem(numbers, symbols)
+        if problem:
+            return record.error(problem, name, numbers)
+        mol, warnings, why = generate_conformer(mol, seed)
+    if mol is None:
+        return record.error(why, name, numbers)
+    mol.SetProp("_Name", name)
+    properties = {"smiles": smiles}
+    numbers, symbols = atoms_of(mol)
+    return record.molecule(name, numbers, positions_of(mol), properties, symbols, warnings, mol)

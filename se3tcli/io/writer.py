@@ -1,0 +1,101 @@
+"""Writing predictions: :class:`PredictionWriter`, incremental and atomic, as CSV, JSON or SDF."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from se3tcli.errors import InputError
+from se3tcli.files import AtomicFile
+from se3tcli.io.molecule import Molecule
+from se3tcli.io.outputs import FORMAT_BY_SUFFIX
+
+
+def writer_formats() -> tuple[str, ...]:
+    """Output suffixes :class:`PredictionWriter` supports."""
+    return tuple(FORMAT_BY_SUFFIX)
+
+
+def _finite(value: object) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class PredictionWriter:
+    """Incremental, atomic writer of predictions as CSV, JSON or SDF (chosen by the output suffix).
+
+    Rows go to a temporary file in the target's directory, which :meth:`close` renames into place and
+    :meth:`abort` deletes. As a context manager it closes on success and aborts on an exception.
+
+    Parameters
+    ----------
+    path
+        Output file; its suffix must be one of :func:`writer_formats`.
+    targets
+        Predicted properties, in column order.
+    units
+        Unit of each target (a missing unit leaves the column name bare).
+
+    Raises
+    ------
+    InputError
+        For an unsupported suffix, or when the temporary file cannot be created.
+    """
+
+    def __init__(self, path: str | Path, targets: Sequence[str], units: Mapping[str, str]):
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if suffix not in FORMAT_BY_SUFFIX:
+            raise InputError(f"unsupported output format: {path} (supported: {', '.join(writer_formats())})")
+        if self.path.is_dir():
+            raise InputError(f"output path is a directory: {path}")
+        self.targets = tuple(targets)
+        self.units = {t: units.get(t, "") for t in self.targets}
+        try:
+            self._file = AtomicFile(self.path, "w", newline="")  # untranslated newlines, as csv needs
+        except OSError as exc:
+            raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self._closed = False
+        try:
+            self._format = FORMAT_BY_SUFFIX[suffix](self._file.handle, self.targets, self.units)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, molecule: Molecule, predictions: Mapping[str, float] | None) -> None:
+        """Append one row; predictions of error rows, missing targets and NaN values are left empty."""
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is closed")
+        values = {}
+        if molecule.ok and predictions is not None:
+            values = {t: _finite(predictions[t]) for t in self.targets if t in predictions}
+        self._format.write(molecule, values)
+
+    def close(self) -> None:
+        """Finish the file and move it into place (atomically replacing an existing one)."""
+        if self._closed:
+            return
+        try:
+            self._format.finish()
+            self._file.commit()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def abort(self) -> None:
+        """Discard everything written; the target file is left as it was."""
+        if self._closed:
+            return
+        self._closed = True
+        self._file.abort()
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, traceback: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,109 @@
+"""XYZ and extXYZ via ASE's extXYZ parser, frame by frame.
+
+A plain comment line is the molecule's name; a ``key=value`` comment line is extXYZ metadata and becomes
+the properties.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from typing import IO
+
+import ase.io
+import numpy as np
+
+from se3tcli.io.filereader import FileReader, open_text, text_lines
+from se3tcli.io.molecule import Molecule, Record, guarded, reason
+
+_EOF = object()  # end-of-file marker for next(lines, _EOF)
+_COUNT_LINE = re.compile(r"[0-9]+")
+
+
+def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Molecule]:
+    """Rows of an XYZ file; frames have coordinates, so ``embed`` and ``seed`` do not apply."""
+    for index, (comment, atom_lines, problem) in enumerate(_frames(handle)):
+        record = Record(source, index)
+        if problem:
+            yield record.error(problem)
+        else:
+            yield guarded(_from_frame, record, comment, atom_lines)
+
+
+XYZ_READER = FileReader(open=open_text, rows=_rows)
+
+
+def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
+    """Split an XYZ file into frames: (comment line, atom lines, problem); problem is "" for a sound frame.
+
+    Blank lines between frames are skipped. When a frame ends early (a line that cannot be an atom line),
+    that frame is a problem and the line is tried as the next frame's atom count. When no atom count can be
+    found, one last problem frame covers the rest of the file.
+    """
+    lines = text_lines(handle)
+    line = next(lines, _EOF)
+    while True:
+        while isinstance(line, str) and not line.strip():
+            line = next(lines, _EOF)
+        if line is _EOF:
+            return
+        words = line.split() if isinstance(line, str) else []
+        if not words or not _COUNT_LINE.fullmatch(words[0]):
+            found = _shorten(line) if isinstance(line, str) else "an overlong line"
+            yield "", [], f"expected an atom count line, found {found!r}; rest of the file skipped"
+            return
+        n_atoms = int(words[0])
+        comment = next(lines, _EOF)
+        if not isinstance(comment, str):
+            yield "", [], "file ends (or has an overlong line) where the comment line should be"
+            return
+        atom_lines: list[str] = []
+        while len(atom_lines) < n_atoms:
+            line = next(lines, _EOF)
+            if line is _EOF:
+                yield "", [], f"file ends after {len(atom_lines)} of {n_atoms} atom lines"
+                return
+            if not isinstance(line, str) or len(line.split()) < 4:
+                break
+            atom_lines.append(line if line.endswith("\n") else line + "\n")
+        else:
+            yield comment, atom_lines, ""
+            line = next(lines, _EOF)
+            continue
+        yield "", [], f"frame declares {n_atoms} atoms but has {len(atom_lines)} atom lines"
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule:
+    comment = comment.strip()
+    metadata = "=" in comment  # extXYZ key=value pairs, not a plain title
+    name = "" if metadata else comment
+    text = f"{len(atom_lines)}\n{comment if metadata else ''}\n{''.join(atom_lines)}"
+    try:
+        atoms = ase.io.read(io.StringIO(text), format="extxyz", index=0)
+    except KeyError as exc:
+        return record.error(f"unknown element symbol {exc.args[0]!r}", name)
+    except Exception as exc:  # ASE raises many exception types for malformed frames
+        return record.error(f"ASE cannot parse the frame: {reason(exc)}", name)
+    properties: dict[str, str] = {}
+    if metadata:
+        entries = dict(atoms.info)
+        if atoms.calc is not None:  # ASE moves energy-like keys (energy, free_energy, ...) to a calculator
+            entries.update((k, v) for k, v in atoms.calc.results.items() if np.ndim(v) == 0)
+        properties = {str(k): _info_text(v) for k, v in entries.items()}
+        name = properties.get("name", "").strip()
+    numbers = np.asarray(atoms.numbers, dtype=np.int64)  # [n_atoms]
+    positions = np.asarray(atoms.positions, dtype=np.float64)  # [n_atoms, 3] Å
+    return record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols())
+
+
+def _info_text(value: object) -> str:
+    """An extXYZ info value as text (arrays as space-separated numbers)."""
+    if isinstance(value, np.ndarray):
+        return " ".join(str(x) for x in value.ravel().tolist())
+    return str(value.item() if isinstance(value, np.generic) else value)

@@ -1,0 +1,67 @@
+"""The run directory: one place for the names and formats of the files a training run writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from se3tcli.checkpoint import read_checkpoint, save_checkpoint
+from se3tcli.data.splits import save_split
+
+
+class RunDirectory:
+    """``config.json``, ``splits.npz``, ``metrics.csv``, ``best.pt``, ``last.pt``, ``test_metrics.json``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def last(self) -> Path:
+        """The latest state, with everything a resume needs."""
+        return self.path / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint of the best validation score so far."""
+        return self.path / "best.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    def read_last(self) -> dict[str, Any]:
+        if not self.last.is_file():
+            raise FileNotFoundError(f"{self.last}: nothing to resume (no last.pt in {self.path})")
+        return read_checkpoint(self.last)
+
+    def refuse_existing_run(self) -> None:
+        if self.last.exists():
+            raise FileExistsError(f"{self.path} already holds a run; use --resume or another --out")
+
+    def start(self, split: dict[str, np.ndarray], seed: int, config: dict[str, Any]) -> None:
+        """Create the folder with the split and the run's configuration (options and model)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        save_split(self.path / "splits.npz", split, seed)
+        (self.path / "config.json").write_text(json.dumps(config, indent=2))
+
+    def save_last(self, checkpoint: dict[str, Any]) -> None:
+        save_checkpoint(checkpoint, self.last)
+
+    def save_best(self, checkpoint: dict[str, Any]) -> None:
+        save_checkpoint(checkpoint, self.best)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """One row per epoch; the header is written with the first row."""
+        new = not self.metrics.exists()
+        with open(self.metrics, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def write_test_metrics(self, metrics: dict[str, Any]) -> None:
+        (self.path / "test_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,353 @@
+"""The training loop: data, model and optimizer set-up, epochs of steps, validation, checkpoints.
+
+Every checkpoint's model is the averaged (EMA) one where the run averages; ``last.pt`` also keeps the live
+training weights and records the position inside the epoch, so a run stopped by ``time_limit`` (or
+Ctrl-C) continues with ``resume`` exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from se3tcli import __version__
+from se3tcli.batching import StaticShape, graph_sizes, size_bounded_batches
+from se3tcli.checkpoint import checkpoint_dict, model_from_checkpoint, read_checkpoint
+from se3tcli.data.dataset import LabelledData, load_labelled
+from se3tcli.graph import Batch
+from se3tcli.model.transformer import SE3Transformer
+from se3tcli.prefetch import prefetch
+from se3tcli.train.device import all_reduce_sum, init_distributed, training_device
+from se3tcli.train.ema import WeightAverage
+from se3tcli.train.evaluation import batches, predict_arrays, split_predictions
+from se3tcli.train.options import TrainOptions
+from se3tcli.train.run_directory import RunDirectory
+from se3tcli.train.schedule import warmup_cosine
+from se3tcli.train.statistics import build_model, checkpoint_statistics, fit_statistics, initial_model
+from se3tcli.train.steps import EagerStep, GraphedStep, Update
+
+PREFETCH_BATCHES = 4  # training batches collated ahead in a background thread
+
+
+class TrainingReporter:
+    """Callbacks the CLI implements to show progress; the base class stays silent."""
+
+    def start(self, total_steps: int, done_steps: int, info: dict[str, Any]) -> None: ...
+
+    def step(self, done_steps: int, loss: float, lr: float) -> None: ...
+
+    def epoch(self, row: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions, reporter: TrainingReporter | None = None):
+        self.opts = options
+        self.reporter = reporter or TrainingReporter()
+        self.dist = init_distributed(options.device)
+        self.device = training_device(options.device, self.dist)
+        if self.device.type == "cuda":  # TF32 matmuls for training (the equivariance checks turn it off)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.run_dir = RunDirectory(options.out)
+
+    # --- set-up
+    def setup(self) -> None:
+        saved = self.run_dir.read_last() if self.opts.resume else None
+        if saved is None:
+            self.run_dir.refuse_existing_run()
+            self.opts = self.opts.for_new_run()
+        else:
+            self.opts = self.opts.resumed(saved["training"]["options"])
+        opts = self.opts
+        torch.manual_seed(opts.seed)
+        self.labelled: LabelledData = load_labelled(
+            opts.dataset, opts.targets, opts.seed, opts.limit, opts.cache
+        )
+        self.statistics, self.model = self._initial_model(saved)
+        self.model.to(self.device)
+        self.config = self.model.config
+        # The average starts from the loaded weights: on resume those are the saved average, and the
+        # training weights are put back into the model below.
+        self.ema = WeightAverage(self.model, opts.ema_decay) if opts.ema_decay else None
+        self.scale = torch.tensor(
+            [self.statistics["loss_scale"][t] for t in opts.targets], dtype=torch.float64, device=self.device
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
+        )
+        self._setup_batching()
+        self.steps_per_epoch = len(self._epoch_batches(0))
+        self.total_steps = self.steps_per_epoch * opts.epochs
+        self.scheduler = warmup_cosine(
+            self.optimizer, int(opts.warmup_epochs * self.steps_per_epoch), self.total_steps
+        )
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best_val, self.bad_epochs, self.elapsed = math.inf, 0, 0.0
+        self.epoch_loss_sum = 0.0  # this epoch's batch losses so far, kept across a resume
+        micro_batches = 1  # doubled on each GPU out-of-memory error
+        if saved is not None:
+            r = saved["resume"]
+            if self.ema is not None:
+                self.model.load_state_dict(r["training_weights"])
+                self.ema.restore(r["ema"])
+            self.optimizer.load_state_dict(r["optimizer"])
+            self.scheduler.load_state_dict(r["scheduler"])
+            torch.set_rng_state(r["torch_rng"])
+            self.epoch, self.batch_in_epoch, self.step = r["epoch"], r["batch_in_epoch"], r["step"]
+            self.best_val, self.bad_epochs, self.elapsed = r["best_val"], r["bad_epochs"], r["elapsed"]
+            self.epoch_loss_sum = r.get("epoch_loss_sum", 0.0)
+            micro_batches = r.get("micro_batches", 1)
+        elif self.dist.main:
+            run_config = {"options": opts.to_dict(), "model": self.config.to_dict()}
+            self.run_dir.start(self.labelled.split, opts.seed, run_config)
+        self.network: nn.Module = self.model  # what the steps call: the model or its DDP wrapper
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.train_step = self._make_step(micro_batches)
+
+    def _initial_model(self, saved: dict[str, Any] | None) -> tuple[dict[str, Any], SE3Transformer]:
+        """``(statistics, model)``: the run's own on resume, a checkpoint's for ``--init-from``, or new."""
+        if saved is not None:
+            return checkpoint_statistics(saved), model_from_checkpoint(saved, self.run_dir.last)
+        config = self.opts.model_config()
+        if self.opts.init_from:
+            return initial_model(self.opts.init_from, config, self.labelled.description)
+        statistics = fit_statistics(self.labelled.data, self.labelled.split["train"], config.elements)
+        return statistics, build_model(config, statistics)
+
+    def _make_step(self, micro_batches: int) -> EagerStep | GraphedStep:
+        opts = self.opts
+        update = Update(self.model, self.optimizer, self.scheduler, opts.clip_norm, self.ema)
+        if self.static_shape is not None:
+            return GraphedStep(
+                self.model, update, opts.targets, self.scale, self.device, opts.amp, self.static_shape,
+                self.reporter.message,
+            )  # fmt: skip
+
+        def collate_part(part: np.ndarray) -> tuple[Batch, torch.Tensor]:
+            batch, y, _ = next(batches(self.labelled.data, part, len(part), self.config.cutoff))
+            return batch, y
+
+        return EagerStep(
+            self.network, update, opts.targets, self.scale, self.device, opts.amp, collate_part,
+            self.reporter.message, micro_batches,
+        )  # fmt: skip
+
+    @property
+    def graphed(self):
+        """The captured CUDA graphs (``--cuda-graphs``, after the first step), else None."""
+        return getattr(self.train_step, "graphed", None)
+
+    def _setup_batching(self) -> None:
+        """Molecule sizes for batches bounded by atoms/edges, and the static shape for CUDA graphs."""
+        opts = self.opts
+        self.sizes: tuple[np.ndarray, np.ndarray] | None = None
+        self.static_shape: StaticShape | None = None
+        if opts.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("--cuda-graphs needs a CUDA device")
+        if not (opts.max_atoms or opts.max_edges or opts.cuda_graphs):
+            return
+        if self.dist.world > 1:
+            raise ValueError("--max-atoms/--max-edges/--cuda-graphs work on one device only (no torchrun)")
+        data, train = self.labelled.data, self.labelled.split["train"]
+        atoms, edges = np.zeros(len(data), np.int64), np.zeros(len(data), np.int64)
+        atoms[train], edges[train] = graph_sizes(data.molecule, train, self.config.cutoff)
+        self.sizes = (atoms, edges)
+        if opts.cuda_graphs:  # a graph replays one shape: every batch needs an atom and an edge budget
+            if not opts.max_atoms:
+                opts.max_atoms = max(int(atoms[train].max()), round(opts.batch_size * atoms[train].mean()))
+            if not opts.max_edges:
+                opts.max_edges = max(int(edges[train].max()), round(opts.batch_size * edges[train].mean()))
+            self.static_shape = StaticShape.for_budget(opts.max_atoms, opts.max_edges, opts.batch_size)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        train = self.labelled.split["train"]
+        order = np.random.default_rng([self.opts.seed, epoch]).permutation(train)
+        per_rank = len(order) // self.dist.world
+        return order[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of the epoch: ``batch_size`` molecules each, or bounded by atoms/edges."""
+        order = self._epoch_order(epoch)
+        if self.sizes is None:
+            size = self.opts.batch_size
+            return [order[start : start + size] for start in range(0, len(order), size)]
+        atoms, edges = self.sizes
+        return size_bounded_batches(
+            order, atoms, edges, self.opts.max_atoms, self.opts.max_edges, self.opts.batch_size
+        )
+
+    def _collated(self, chunks: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, Batch, torch.Tensor]]:
+        for chunk in chunks:
+            batch, y, _ = next(batches(self.labelled.data, chunk, len(chunk), self.config.cutoff))
+            yield chunk, batch, y
+
+    # --- checkpoints
+    @property
+    def eval_model(self) -> SE3Transformer:
+        """The weights to validate, save and export: the average where there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+    def _training_summary(self) -> dict[str, Any]:
+        data = self.labelled.data
+        n_atoms = data.n_atoms()
+        heavy = np.add.reduceat((data.numbers > 1).astype(np.int64), data.offsets[:-1]) if len(data) else [0]
+        train_heavy = np.asarray(heavy)[self.labelled.split["train"]]
+        return {
+            "options": self.opts.to_dict(),
+            "command": self.opts.command,
+            "data": self.labelled.description,
+            "domain": {
+                "elements": sorted({int(z) for z in np.unique(data.numbers)}),
+                "max_atoms": int(n_atoms.max()),
+                "max_heavy_atoms": int(np.max(heavy)),
+                # Training molecules per heavy-atom count: predictions warn where few were seen.
+                "train_molecules_by_heavy_atoms": {
+                    str(k): int(n) for k, n in zip(*np.unique(train_heavy, return_counts=True), strict=True)
+                },
+            },
+            "epochs_done": self.epoch,
+            "steps": self.step,
+            "wall_time_s": round(self.elapsed, 1),
+            "device": str(self.device)
+            if self.device.type == "cpu"
+            else torch.cuda.get_device_name(self.device),
+            "world_size": self.dist.world,
+            "se3t_version": __version__,
+            "torch_version": str(torch.__version__),
+        }
+
+    def _checkpoint(self, metrics: dict | None = None, with_resume: bool = False) -> dict[str, Any]:
+        stats = self.statistics
+        normalization = {k: stats[k] for k in ("mean", "std", "loss_scale")}
+        data = checkpoint_dict(
+            self.eval_model, normalization, stats["atom_refs"], self._training_summary(), metrics
+        )
+        if with_resume:
+            data["resume"] = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "step": self.step,
+                "best_val": self.best_val,
+                "epoch_loss_sum": self.epoch_loss_sum,
+                "bad_epochs": self.bad_epochs,
+                "elapsed": self.elapsed,
+                "micro_batches": self.train_step.micro_batches,
+            }
+            if self.ema is not None:  # the checkpoint's model is the average; these are the live weights
+                data["resume"]["training_weights"] = {
+                    k: v.detach().cpu() for k, v in self.model.state_dict().items()
+                }
+                data["resume"]["ema"] = self.ema.state()
+        return data
+
+    def save_last(self) -> None:
+        if self.dist.main:
+            self.run_dir.save_last(self._checkpoint(with_resume=True))
+
+    # --- loop
+    def validate(self) -> dict[str, dict]:
+        """MAE and RMSE per target on the validation split (summed over the ranks of a DDP run)."""
+        data = self.labelled.data
+        val = self.labelled.split["val"]
+        part = np.array_split(val, self.dist.world)[self.dist.rank]
+        pred = predict_arrays(self.eval_model, data, part, self.opts.eval_batch_size, self.device)
+        truth = data.targets[part]
+        targets = self.opts.targets
+        abs_sum = np.array([np.abs(pred[t] - truth[:, i]).sum() for i, t in enumerate(targets)])
+        sq_sum = np.array([((pred[t] - truth[:, i]) ** 2).sum() for i, t in enumerate(targets)])
+        totals = all_reduce_sum(np.concatenate([abs_sum, sq_sum, [len(part)]]), self.dist, self.device)
+        n_t = len(targets)
+        count = max(totals[-1], 1.0)
+        return {
+            t: {"mae": float(totals[i] / count), "rmse": math.sqrt(totals[n_t + i] / count)}
+            for i, t in enumerate(targets)
+        }
+
+    def run(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """Train until the epochs, patience or time limit run out; returns a summary."""
+        opts = self.opts
+        started = time.monotonic()
+        elapsed_before = self.elapsed
+        self.reporter.start(self.total_steps, self.step, {"device": str(self.device), "out": str(opts.out)})
+        status = "finished"
+        while self.epoch < opts.epochs:
+            if self.batch_in_epoch == 0:
+                self.epoch_loss_sum = 0.0
+            remaining = self._epoch_batches(self.epoch)[self.batch_in_epoch :]
+            for chunk, batch, y in prefetch(self._collated(remaining), PREFETCH_BATCHES):
+                loss = self.train_step(chunk, batch, y)
+                self.epoch_loss_sum += loss
+                self.batch_in_epoch += 1
+                self.step += 1
+                self.elapsed = elapsed_before + time.monotonic() - started
+                self.reporter.step(self.step, loss, self.scheduler.get_last_lr()[0])
+                out_of_time = (
+                    opts.time_limit is not None and time.monotonic() - started > opts.time_limit * 60
+                )
+                # Every rank must stop after the same step, or the others wait forever in the next one.
+                flags = all_reduce_sum(np.array([out_of_time, should_stop()], float), self.dist, self.device)
+                out_of_time = bool(flags[0])
+                if out_of_time or flags[1]:
+                    self.save_last()
+                    return {"status": "time limit" if out_of_time else "interrupted", "epoch": self.epoch}
+            if self._end_epoch():
+                status = "early stop"
+                break
+        test = self.test() if self.dist.main else {}
+        return {"status": status, "epoch": self.epoch, "test": test}
+
+    def _end_epoch(self) -> bool:
+        """Validate, record the epoch and save its checkpoints; True when patience has run out."""
+        opts = self.opts
+        val = self.validate()
+        train_loss = self.epoch_loss_sum / max(self.batch_in_epoch, 1)
+        self.epoch += 1
+        self.batch_in_epoch, self.epoch_loss_sum = 0, 0.0
+        score = float(np.mean([val[t]["mae"] / self.statistics["loss_scale"][t] for t in opts.targets]))
+        improved = score < self.best_val
+        if improved:
+            self.best_val, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        row = {
+            "epoch": self.epoch,
+            "time_s": round(self.elapsed, 1),
+            "lr": self.scheduler.get_last_lr()[0],
+            "train_loss": train_loss,
+            "val_score": score,
+            **{f"val_mae_{t}": val[t]["mae"] for t in opts.targets},
+        }
+        if self.dist.main:
+            self.run_dir.append_metrics(row)
+            if improved:
+                self.run_dir.save_best(self._checkpoint({"val": val}))
+            self.save_last()
+        self.reporter.epoch(row)
+        return opts.patience is not None and self.bad_epochs >= opts.patience
+
+    def test(self) -> dict[str, dict]:
+        """Test-set errors of ``best.pt`` in physical units, written to ``test_metrics.json``."""
+        best = self.run_dir.best
+        model = (
+            model_from_checkpoint(read_checkpoint(best), best).to(self.device)
+            if best.exists()
+            else self.eval_model
+        )
+        _, _, metrics = split_predictions(
+            model, self.labelled, "test", self.opts.eval_batch_size, self.device
+        )
+        self.run_dir.write_test_metrics(metrics)
+        return metrics

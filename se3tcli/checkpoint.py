@@ -53,6 +53,19 @@ class LoadedModel:
     def training_domain(self) -> dict[str, Any]:
         return self.checkpoint.get("training", {}).get("domain", {})
 
+    @property
+    def typical_errors(self) -> dict[str, float]:
+        """MAE per target in its display unit: the card's test errors, else the checkpoint's validation
+        errors; targets without either are absent."""
+        errors = {}
+        for target, e in (self.checkpoint.get("metrics", {}).get("val") or {}).items():
+            if isinstance(e, dict) and isinstance(e.get("mae"), (int, float)):
+                errors[target] = float(e["mae"])
+        for target, e in (self.card.get("test_errors") or {}).items():
+            if target in TARGETS and isinstance(e, dict) and isinstance(e.get("mae"), (int, float)):
+                errors[target] = float(e["mae"]) / TARGETS[target].error_factor
+        return {t: v for t, v in errors.items() if t in self.targets and v > 0}
+
 
 def checkpoint_dict(
     model: SE3Transformer,

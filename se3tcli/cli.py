@@ -33,7 +33,7 @@ err_console = Console(stderr=True)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-PREVIEW_ROWS = 200  # most rows printed as a table when predictions also go to a file
+PREVIEW_ROWS = 20  # most rows printed as a table when predictions also go to a file
 
 
 class UsageError(Exception):
@@ -150,7 +150,7 @@ def predict(
     from se3tcli.checkpoint import load_model
     from se3tcli.io import check_inputs, read_molecules
     from se3tcli.predict import predict_to_file
-    from se3tcli.render import predictions_table, progress_bar, status_messages
+    from se3tcli.render import predictions_table, progress_bar, status_messages, table_order
 
     inputs, smiles = list(inputs or []), list(smiles or [])
     if not inputs and not smiles:
@@ -161,7 +161,7 @@ def predict(
     chosen = _targets(targets, loaded.targets)
     _sigterm_as_interrupt()
     shown: list = []
-    with progress_bar(err_console) as progress:
+    with progress_bar(err_console, "molecules") as progress:
         task = progress.add_task("predicting", total=None)
 
         def on_row(molecule, values) -> None:
@@ -174,7 +174,16 @@ def predict(
         n_done, n_predicted = predict_to_file(
             loaded, molecules, torch_device, chosen, output, on_row, batch_size, report_oom
         )
-    console.print(predictions_table(shown, chosen))
+    in_table = chosen if targets else table_order(chosen)  # --targets: the user's order
+    table, hidden = predictions_table(shown, in_table, loaded.typical_errors, console.width)
+    console.print(table)
+    if hidden:
+        where = f"in {output}" if output else "with -o FILE"
+        console.print(
+            f"({len(hidden)} more targets did not fit this terminal: {', '.join(hidden)}; "
+            f"all of them {where}, or --targets to choose)",
+            markup=False,
+        )
     for line in status_messages(shown):
         console.print(line, highlight=False, soft_wrap=True)
     if output and n_done > len(shown):

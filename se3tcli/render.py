@@ -11,6 +11,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -34,18 +36,65 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.6g}"
 
 
-def predictions_table(rows: Sequence[tuple[Molecule, dict | None]], targets: Sequence[str]) -> Table:
+DEFAULT_DECIMALS = 4  # for targets whose typical error is unknown
+NAME_WIDTH = 18  # widest name column before names fold onto more lines
+
+
+def decimals_for(typical_error: float | None) -> int:
+    """Decimals that keep one digit below the leading digit of the typical error (0.133 eV -> 2,
+    22.8 bohr² -> 0, 0.0055 eV -> 4): more would print noise the model cannot resolve."""
+    if not typical_error or not math.isfinite(typical_error):
+        return DEFAULT_DECIMALS
+    return max(0, math.floor(-math.log10(typical_error)) + 2)
+
+
+# The order of the default table: the orbital energies and μ first, the large energies last.
+TABLE_ORDER = ("homo", "lumo", "gap", "mu", "alpha", "Cv", "zpve", "r2", "U0", "U", "H", "G")
+
+
+def table_order(targets: Sequence[str]) -> list[str]:
+    """``targets`` in :data:`TABLE_ORDER` (others after, as given)."""
+    rank = {t: i for i, t in enumerate(TABLE_ORDER)}
+    return sorted(targets, key=lambda t: rank.get(t, len(rank)))
+
+
+def _header(target: str) -> str:
+    return f"{target} [{TARGETS[target].unit}]"
+
+
+def predictions_table(
+    rows: Sequence[tuple[Molecule, dict | None]],
+    targets: Sequence[str],
+    typical_errors: dict[str, float] | None = None,
+    width: int | None = None,
+) -> tuple[Table, list[str]]:
+    """The predictions as a table no wider than ``width`` characters (no limit if None), each value
+    rounded to the model's precision (:func:`decimals_for` its typical error). Returns the table and the
+    targets left out because they did not fit, which keep their order."""
+    decimals = {t: decimals_for((typical_errors or {}).get(t)) for t in targets}
+    cells = {t: [_fmt(v.get(t), decimals[t]) if v else "" for _, v in rows] for t in targets}
+    name_width = min(NAME_WIDTH, max([4, *(len(plain(m.name)) for m, _ in rows)]))
+    formula_width = max([7, *(len(m.formula) for m, _ in rows)])
+    used = 1 + (name_width + 3) + (formula_width + 3) + (7 + 3)  # borders and padding: 3 per column
+    shown, hidden = [], []
+    for t in targets:
+        column = max([len(_header(t)), *map(len, cells[t])]) + 3
+        if width is not None and used + column > width:
+            hidden.append(t)
+            continue
+        shown.append(t)
+        used += column
     table = Table(title="se3t predictions", show_lines=False)
-    table.add_column("name", overflow="fold")
-    table.add_column("formula")
-    table.add_column("status")
-    for t in targets:  # Text, not markup: "[eV]" would be read as a style
-        table.add_column(Text(f"{t} [{TARGETS[t].unit}]"), justify="right")
-    for molecule, values in rows:
+    table.add_column("name", overflow="fold", max_width=NAME_WIDTH)
+    table.add_column("formula", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for t in shown:  # Text, not markup: "[eV]" would be read as a style
+        table.add_column(Text(_header(t)), justify="right", no_wrap=True)
+    for i, (molecule, _) in enumerate(rows):
         style = _STATUS_STYLE.get(molecule.status, "")
-        cells = [_fmt(values.get(t)) if values else "" for t in targets]
-        table.add_row(Text(plain(molecule.name)), molecule.formula, Text(molecule.status, style), *cells)
-    return table
+        status = Text(molecule.status, style)
+        table.add_row(Text(plain(molecule.name)), molecule.formula, status, *(cells[t][i] for t in shown))
+    return table, hidden
 
 
 def status_messages(rows: Sequence[tuple[Molecule, dict | None]]) -> list[Text]:
@@ -144,11 +193,25 @@ def card_tables(card: dict[str, Any]) -> list[Table]:
     return tables
 
 
-def progress_bar(console: Console) -> Progress:
+class RateColumn(ProgressColumn):
+    """Items per second, once Rich has measured it."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        return Text(
+            "" if task.speed is None else f"{task.speed:,.0f} {self.unit}/s", style="progress.data.speed"
+        )
+
+
+def progress_bar(console: Console, unit: str = "it") -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(unit),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
@@ -161,7 +224,7 @@ class RichTrainingReporter(TrainingReporter):
 
     def __init__(self, console: Console):
         self.console = console
-        self.progress = progress_bar(console)
+        self.progress = progress_bar(console, "steps")
         self.task = None
 
     def start(self, total_steps: int, done_steps: int, info: dict[str, Any]) -> None:

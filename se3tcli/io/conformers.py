@@ -9,6 +9,10 @@ from rdkit.Chem import AllChem
 from se3tcli.io.molecule import reason
 
 _MMFF_MAX_ITERS = 2000
+FORCE_FIELD_GEOMETRY = (
+    "force-field geometry (generated conformer, not DFT-optimised like the training molecules): "
+    "errors are larger than the test error"
+)
 _FRAGMENT_GAP = 3.0  # Å between the bounding spheres of disconnected fragments before optimisation
 
 
@@ -24,7 +28,7 @@ def generate_conformer(mol: Chem.Mol, seed: int) -> tuple[Chem.Mol | None, list[
         params.useRandomCoords = True
         if AllChem.EmbedMolecule(mol, params) != 0:
             return None, [], "could not generate a 3D conformer (ETKDGv3)"
-    warnings = _separate_fragments(mol)
+    warnings = [FORCE_FIELD_GEOMETRY, *_separate_fragments(mol)]
     try:
         if AllChem.MMFFHasAllMoleculeParams(mol):
             AllChem.MMFFOptimizeMolecule(mol, maxIters=_MMFF_MAX_ITERS)

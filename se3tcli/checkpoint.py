@@ -18,9 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from se3tcli.files import atomic_write
+from se3tcli.graph import collate
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.targets import TARGETS
@@ -204,4 +206,20 @@ def load_model(name_or_path: str | None = None, device: str | torch.device = "cp
             raise CheckpointError(f"{path}: sha256 does not match the model card; the file was modified")
     data = read_checkpoint(path)
     model = model_from_checkpoint(data, path).to(device)
+    _check_finite(model, path)
     return LoadedModel(model=model, path=path, checkpoint=data, card=card)
+
+
+def _check_finite(model: SE3Transformer, path: Path) -> None:
+    """Refuse a model whose outputs are not finite on a probe (two atoms of its first element, 1.2 Å
+    apart): broken weights would otherwise give rows without values."""
+    device = next(model.parameters()).device
+    element = model.config.elements[0]
+    probe = (np.array([element, element]), np.array([[0.0, 0.0, 0.0], [1.2, 0.0, 0.0]]))  # Å
+    batch = collate([probe], model.config.cutoff)
+    with torch.inference_mode():
+        outputs = model(batch.to(device))
+    broken = [name for name, value in outputs.items() if not bool(torch.isfinite(value).all())]
+    if broken:
+        broken_list = ", ".join(broken)
+        raise CheckpointError(f"{path}: the model predicts non-finite {broken_list} for a probe molecule")

@@ -8,6 +8,7 @@ import json
 import shlex
 import signal
 import sys
+import typing
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -144,11 +145,14 @@ def predict(
     no_embed: Annotated[
         bool, typer.Option("--no-embed", help="Reject 2D/H-less records instead of embedding.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --output file (never an input).")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Predict properties of the molecules in INPUTS (and --smiles) with a trained model."""
     from se3tcli.checkpoint import load_model
-    from se3tcli.io import check_inputs, read_molecules
+    from se3tcli.io import check_inputs, check_output, read_molecules
     from se3tcli.predict import predict_to_file
     from se3tcli.render import predictions_table, progress_bar, status_messages, table_order
 
@@ -156,6 +160,8 @@ def predict(
     if not inputs and not smiles:
         raise UsageError("give at least one input file or --smiles")
     check_inputs(inputs)
+    if output:
+        check_output(output, inputs, overwrite)
     torch_device = _device(device)
     loaded = load_model(model, torch_device)
     chosen = _targets(targets, loaded.targets)
@@ -204,6 +210,7 @@ def _with_options_of(options_class):
 
     def decorate(command):
         signature = inspect.signature(command, eval_str=True)
+        hints = typing.get_type_hints(options_class)
         extra = []
         for f in fields(options_class):
             if "help" not in f.metadata:
@@ -212,7 +219,7 @@ def _with_options_of(options_class):
             help_text, cli_type = meta.pop("help"), meta.pop("cli_type", None)
             flags = meta.pop("flags", ())
             default = f.default if f.default is not MISSING else None
-            annotation = cli_type or _option_type(f.type)
+            annotation = cli_type or _option_type(hints[f.name])
             option = typer.Option(*flags, help=help_text, show_default=_shown_default(default), **meta)
             extra.append(
                 inspect.Parameter(
@@ -234,10 +241,10 @@ def _with_options_of(options_class):
     return decorate
 
 
-def _option_type(annotation: str) -> type:
-    """The command-line type of a field annotated ``'int | None'``, ``'float'``, ``'bool'``, ``'str'``..."""
-    name = annotation.split("|")[0].strip()
-    return {"int": int, "float": float, "bool": bool, "str": str}[name]
+def _option_type(annotation: Any) -> type:
+    """The command-line type of a field annotated ``int | None``, ``float``, ``bool``, ``str``..."""
+    optional = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    return optional[0] if optional else annotation
 
 
 def _shown_default(default: Any) -> str | bool:
@@ -282,15 +289,14 @@ def train(
     for name in ("out", "cache", "init_from"):  # paths on the command line, strings in the record
         if name in options:
             options[name] = str(options[name])
-    model = {"channels": channels, "lmax": lmax, "n_layers": layers, "n_heads": heads, "kernel": kernel}
-    model["cutoff"] = cutoff
+    model = dict(channels=channels, lmax=lmax, n_layers=layers, n_heads=heads, kernel=kernel, cutoff=cutoff)
     if any(v is not None for v in model.values()):
         options["model_overrides"] = {k: v for k, v in model.items() if v is not None}
     options["command"] = shlex.join(["se3t", *sys.argv[1:]])
     run_options = TrainOptions(**options)
     _device(run_options.device)
     reporter = RichTrainingReporter(err_console)
-    trainer = Trainer(run_options, reporter)
+    trainer = Trainer(run_options, reporter, given=set(options) - {"command"})
     try:
         trainer.setup()
     except ValueError as exc:

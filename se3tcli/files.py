@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,11 +40,14 @@ class AtomicFile:
             raise
 
     def commit(self) -> None:
-        """Flush the content to disk and rename the file onto the target, replacing an existing one."""
+        """Flush the content to disk and rename the file onto the target, replacing an existing one (whose
+        permissions the new file takes)."""
         try:
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
+            with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its permissions
+                os.chmod(self.tmp, stat.S_IMODE(os.stat(self.path).st_mode))
             os.replace(self.tmp, self.path)
         except BaseException:
             self.abort()

@@ -10,6 +10,7 @@ atoms; a GPU out-of-memory error halves the batch, says so, and retries.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -88,6 +89,14 @@ def check_domain(molecule: Molecule, loaded: LoadedModel) -> Molecule:
     return molecule
 
 
+def _finite_or_error(molecule: Molecule, values: Prediction | None) -> tuple[Molecule, Prediction | None]:
+    """An error row instead of predictions that are not finite numbers (never an ``ok`` with blanks)."""
+    bad = [t for t, v in (values or {}).items() if not math.isfinite(v)]
+    if not bad:
+        return molecule, values
+    return _with_status(molecule, STATUS_ERROR, f"the prediction of {', '.join(bad)} is not finite"), None
+
+
 def run_model(
     model: SE3Transformer,
     molecules: list[Molecule],
@@ -133,7 +142,7 @@ def predict_stream(
         ready = [m for m in pending if m.ok]
         results = iter(run_model(model, ready, device, targets, on_oom) if ready else [])
         for m in pending:
-            yield m, (next(results) if m.ok else None)
+            yield _finite_or_error(m, next(results) if m.ok else None)
 
     for molecule in prefetch(molecules, PREFETCH_RECORDS):
         molecule = check_domain(molecule, loaded)

@@ -98,3 +98,17 @@ def test_trainer_runs_with_cuda_graphs(tmp_path: Path) -> None:
     result = trainer.run()
     assert result["status"] == "finished" and trainer.graphed is not None
     assert all(np.isfinite(v["mae"]) for v in result["test"].values())
+
+
+@pytest.mark.usefixtures("require_qm9")
+def test_cuda_graphs_keep_the_runs_fixed_size_batches(tmp_path: Path) -> None:
+    """A run started eagerly (on the CPU, say) and resumed with --cuda-graphs takes the same batches:
+    same steps per epoch and schedule, and no budgets written into its options."""
+    options = dict(targets=TARGETS, model_overrides=dict(TINY), epochs=1, batch_size=16, limit=200)
+    eager = Trainer(TrainOptions(**options, device="cuda", out=str(tmp_path / "eager")))
+    eager.setup()
+    graphed = Trainer(TrainOptions(**options, device="cuda", cuda_graphs=True, out=str(tmp_path / "graphs")))
+    graphed.setup()
+    assert graphed.steps_per_epoch == eager.steps_per_epoch and graphed.total_steps == eager.total_steps
+    assert graphed.opts.max_atoms is None and graphed.opts.max_edges is None
+    assert [c.tolist() for c in graphed._epoch_batches(0)] == [c.tolist() for c in eager._epoch_batches(0)]

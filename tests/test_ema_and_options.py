@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_train_options
@@ -104,6 +105,25 @@ def test_a_resume_refuses_options_that_differ_from_the_run() -> None:
     assert TrainOptions(resume=True, lr=1e-3, targets=("homo",)).resumed(_saved()).lr == 1e-3  # the same
 
 
+def test_options_the_command_line_gave_are_checked_even_at_their_default_values() -> None:
+    """--batch-size 64 (the default) on a run of batch 128 is a conflict when the command line gave it."""
+    saved = _saved(batch_size=128)
+    with pytest.raises(ValueError, match=r"--batch-size 64 \(the run's: 128\)"):
+        TrainOptions(resume=True, batch_size=64).resumed(saved, given={"resume", "batch_size"})
+    assert TrainOptions(resume=True).resumed(saved, given={"resume"}).batch_size == 128
+
+
+def test_repeating_the_runs_own_command_on_resume_is_accepted() -> None:
+    old = _saved(dataset="qm9", model_overrides={"lmax": 1})
+    old["cutoff"] = 4.0  # an older run, which kept the cutoff among its options
+    del old["ema_decay"]
+    again = TrainOptions(dataset="QM9", model_overrides={"lmax": 1, "cutoff": 4.0}, amp=False, lr=1e-3)
+    resumed = again.resumed(old, given={"dataset", "model_overrides", "amp", "lr"})
+    assert resumed.amp is False and resumed.dataset == "qm9"  # amp: how a GPU runs the steps
+    with pytest.raises(ValueError, match="the model settings"):
+        TrainOptions(model_overrides={"lmax": 2}).resumed(old, given={"model_overrides"})
+
+
 def test_a_run_saved_before_the_average_or_with_a_cutoff_option_resumes_as_it_was() -> None:
     old = _saved()
     del old["ema_decay"]
@@ -118,3 +138,22 @@ def test_a_run_saved_before_the_average_or_with_a_cutoff_option_resumes_as_it_wa
 def test_an_ema_decay_of_zero_means_no_average() -> None:
     assert TrainOptions(ema_decay=0).ema_decay is None
     assert TrainOptions().ema_decay == 0.999
+
+
+# -------------------------------------------------------------------------------------- graph shapes
+
+
+@pytest.mark.usefixtures("require_qm9")
+def test_the_graph_shape_holds_every_fixed_size_batch_of_the_run(tmp_path: Path) -> None:
+    """CUDA graphs pad the run's own fixed-size batches (so a run can switch to them on resume): their
+    shape must hold the largest batch of every epoch, which the seeded orders give in advance."""
+    trainer = Trainer(tiny_train_options(tmp_path / "run", epochs=3, batch_size=5))
+    trainer.setup()
+    data, train = trainer.labelled.data, trainer.labelled.split["train"]
+    atoms = np.zeros(len(data), np.int64)
+    edges = np.zeros(len(data), np.int64)
+    atoms[train] = np.arange(len(train)) % 7 + 1  # any sizes will do
+    edges[train] = (np.arange(len(train)) * 5) % 11
+    most = trainer._largest_fixed_batch(atoms, edges)
+    batches = [chunk for epoch in range(3) for chunk in trainer._epoch_batches(epoch)]
+    assert most == (max(int(atoms[c].sum()) for c in batches), max(int(edges[c].sum()) for c in batches))

@@ -466,3 +466,39 @@ def test_under_umask_000_the_cache_stays_private(cache_dir: Path) -> None:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     for path in (entry.library, entry.digest):
         assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH), path
+
+
+@needs_compiler
+def test_a_cache_below_a_folder_others_can_write_is_never_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None, caplog
+) -> None:
+    """Private cache folders do not help below a folder that others can write (and that has no sticky
+    bit): they could rename the cache away between the checks and the loader's open."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    root = shared / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(root))
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    marker = tmp_path / "constructor-ran"
+    plant(expected_entry(), planted_library(marker))
+    shared.chmod(0o777)
+    message = load_warning(caplog)
+    assert "refusing to load compiled code" in message and "has no sticky bit" in message
+    assert not marker.exists()
+    shared.chmod(0o777 | stat.S_ISVTX)  # like /tmp: the user's own folders there cannot be swapped
+    cache.check_ancestors(root.resolve())
+
+
+@needs_compiler
+def test_a_linked_cache_is_used_by_its_real_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_library: None
+) -> None:
+    """The link is resolved once: everything is checked, and loaded, under the real folder's path."""
+    real = tmp_path / "real-cache"
+    link = tmp_path / "link"
+    cache.make_private_folders(real)
+    link.symlink_to(real)
+    monkeypatch.setenv(CACHE_ENV, str(link))
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    loaded = library.kernel_library()
+    assert loaded.cdll is not None and loaded.detail.startswith(str(real.resolve()))

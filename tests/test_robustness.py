@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from se3tcli.checkpoint import checkpoint_dict, load_model, save_checkpoint
+from se3tcli.checkpoint import CheckpointError, checkpoint_dict, load_model, save_checkpoint
 from se3tcli.cli import app
 from se3tcli.files import atomic_write
 from se3tcli.io import read_molecules
@@ -260,3 +260,68 @@ def test_streaming_memory_does_not_grow_with_input(tmp_path, tiny_model):
     peak_large = _peak_python_memory(large, loaded)
     # Six times the molecules, (nearly) the same peak: nothing accumulates per record.
     assert peak_large < 1.5 * peak_small + 2_000_000, (peak_small, peak_large)
+
+
+# ------------------------------------------------------------------------------ outputs and their inputs
+
+
+def _predict_to(inputs: list[Path], out: Path, model: Path, *extra: str):
+    args = ["predict", *map(str, inputs), "--model", str(model), "--device", "cpu", "-o", str(out), *extra]
+    return runner.invoke(app, args)
+
+
+def _single_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    return lines[0]
+
+
+def test_an_output_over_an_input_is_refused_also_through_a_link(tmp_path, tiny_model, samples):
+    source = tmp_path / "b.sdf"
+    source.write_bytes((samples / "bad.sdf").read_bytes())
+    link = tmp_path / "link.sdf"
+    link.symlink_to(source)
+    for out, extra in ((source, ()), (link, ()), (link, ("--overwrite",))):
+        line = _single_error_line(_predict_to([source], out, tiny_model, *extra))
+        assert "is also an input" in line
+    assert source.read_bytes() == (samples / "bad.sdf").read_bytes()
+
+
+def test_an_existing_output_is_replaced_only_with_overwrite_and_keeps_its_mode(tmp_path, tiny_model):
+    source = tmp_path / "in.xyz"
+    source.write_text(_xyz_frames(2))
+    out = tmp_path / "out.csv"
+    out.write_text("someone's notes\n")
+    out.chmod(0o600)
+    assert "--overwrite" in _single_error_line(_predict_to([source], out, tiny_model))
+    assert out.read_text() == "someone's notes\n"
+    result = _predict_to([source], out, tiny_model, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert out.read_text().startswith("name,") and stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------------- non-finite results
+
+
+def test_a_model_with_nan_weights_is_refused_at_load(tmp_path, tiny_model):
+    state = torch.load(tiny_model, weights_only=True)
+    name = next(k for k, v in state["state_dict"].items() if v.is_floating_point() and "weight" in k)
+    state["state_dict"][name] = torch.full_like(state["state_dict"][name], float("nan"))
+    broken = tmp_path / "nan.pt"
+    save_checkpoint(state, broken)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_model(str(broken))
+    result = runner.invoke(app, ["predict", "--model", str(broken), "--smiles", "CCO"])
+    assert result.exit_code == 2 and "non-finite" in result.stderr and "Traceback" not in result.output
+
+
+def test_predictions_that_are_not_finite_make_an_error_row(tmp_path, tiny_checkpoint):
+    """Atoms 1e300 Å apart: finite coordinates, but the dipole (charges times positions) is not finite;
+    that row is an error instead of an 'ok' with empty values, and the next one is predicted."""
+    source = tmp_path / "far.xyz"
+    source.write_text("2\nfar apart\nC 0 0 0\nC 1e300 0 0\n" + _xyz_frames(1))
+    code, rows, output = _predict_json([str(source)], tiny_checkpoint)
+    assert code == 0, output
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    assert "not finite" in rows[0]["message"] and rows[0]["message"].startswith("far.xyz record 1")

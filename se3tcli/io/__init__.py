@@ -18,7 +18,7 @@ renames it into place on :meth:`PredictionWriter.close`, so an output file is co
 from se3tcli.errors import STATUS_ERROR, STATUS_OK, STATUS_WARNING, InputError
 from se3tcli.io.molecule import MIN_DISTANCE, SMILES_SOURCE, Molecule
 from se3tcli.io.reading import SUPPORTED_SUFFIXES, check_inputs, read_molecules
-from se3tcli.io.writer import PredictionWriter, writer_formats
+from se3tcli.io.writer import PredictionWriter, check_output, writer_formats
 
 __all__ = [
     "MIN_DISTANCE",
@@ -31,6 +31,7 @@ __all__ = [
     "Molecule",
     "PredictionWriter",
     "check_inputs",
+    "check_output",
     "read_molecules",
     "writer_formats",
 ]

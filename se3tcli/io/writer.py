@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -15,6 +17,20 @@ from se3tcli.io.outputs import FORMAT_BY_SUFFIX
 def writer_formats() -> tuple[str, ...]:
     """Output suffixes :class:`PredictionWriter` supports."""
     return tuple(FORMAT_BY_SUFFIX)
+
+
+def check_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> None:
+    """Refuse an output that is one of the inputs (also through links), and an existing file unless
+    ``overwrite``: predictions written over a molecule file would lose its records."""
+    target = Path(path)
+    if not target.exists():
+        return
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(source, target):
+                raise InputError(f"{path} is also an input: refusing to write predictions over it")
+    if not overwrite:
+        raise InputError(f"{path} exists: give --overwrite to replace it, or another --output")
 
 
 def _finite(value: object) -> float | None:

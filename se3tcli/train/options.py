@@ -6,6 +6,7 @@ Each option is defined once, here: ``se3t train`` builds its command-line option
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,9 +19,20 @@ if TYPE_CHECKING:
 DEFAULT_EPOCHS = 100
 
 # Options a resumed run takes from its command line; everything else (data, split, model, schedule) is the
-# run's own. `cuda_graphs` says how steps run, not what they compute.
+# run's own. `cuda_graphs` and `amp` say how steps run on a GPU (a CPU-started run may continue there).
 RESUME_MAY_CHANGE = frozenset(
-    {"epochs", "time_limit", "device", "patience", "out", "resume", "cache", "eval_batch_size", "cuda_graphs"}
+    {
+        "epochs",
+        "time_limit",
+        "device",
+        "patience",
+        "out",
+        "resume",
+        "cache",
+        "eval_batch_size",
+        "cuda_graphs",
+        "amp",
+    }
 )
 
 
@@ -94,19 +106,22 @@ class TrainOptions:
         """A copy of these options with the default number of epochs filled in."""
         return replace(self, epochs=DEFAULT_EPOCHS if self.epochs is None else self.epochs)
 
-    def resumed(self, saved: dict[str, Any]) -> TrainOptions:
+    def resumed(self, saved: dict[str, Any], given: Collection[str] | None = None) -> TrainOptions:
         """The options of a resumed run: the run's ``saved`` ones, with the budget this command gives.
 
-        An epoch count or patience not given on this command line is the run's own, so its learning-rate
-        schedule and early stopping are unchanged. Runs saved before the weight average existed have none;
-        runs that saved a ``cutoff`` option keep it in their model overrides (the model config holds it).
+        ``given``: the options this command line set (None: those that differ from the defaults). Any of
+        them that the run fixes (not in :data:`RESUME_MAY_CHANGE`) and that differs from the run's value
+        raises ``ValueError``, instead of being silently ignored. An epoch count or patience not given is
+        the run's own, so its learning-rate schedule and early stopping are unchanged. Runs saved before
+        the weight average existed have none; runs that saved a ``cutoff`` option keep it in their model
+        overrides (the model config holds it).
         """
         known = {f.name for f in fields(self)}
         merged: dict[str, Any] = {"ema_decay": None}
         merged |= {k: v for k, v in saved.items() if k in known and k not in RESUME_MAY_CHANGE}
-        self._refuse_conflicts(merged)
         if "cutoff" in saved:
             merged["model_overrides"] = {**(merged.get("model_overrides") or {}), "cutoff": saved["cutoff"]}
+        self._refuse_conflicts(merged, given)
         options = replace(self, **merged)
         if self.epochs is None:
             options.epochs = saved["epochs"]
@@ -114,25 +129,34 @@ class TrainOptions:
             options.patience = saved.get("patience")
         return options
 
-    def _refuse_conflicts(self, run: dict[str, Any]) -> None:
-        """A resumed run keeps its data, model and schedule: refuse options set here (not left at their
-        defaults) that differ from the run's ``run`` values, instead of silently ignoring them."""
+    def _refuse_conflicts(self, run: dict[str, Any], given: Collection[str] | None) -> None:
         defaults = TrainOptions()
+        if given is None:
+            given = [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
         conflicts = []
-        for name, value in run.items():
-            mine = getattr(self, name)
-            if name == "command" or mine == getattr(defaults, name):
-                continue
-            theirs = tuple(value) if name == "targets" else value
-            if mine != theirs and not (name == "model_overrides" and not mine and not theirs):
-                conflicts.append(f"--{name.replace('_', '-')} {_shown(mine)} (the run's: {_shown(theirs)})")
+        for name in sorted(set(given) & set(run) - {"command"}):
+            mine, theirs = _comparable(name, getattr(self, name)), _comparable(name, run[name])
+            if mine != theirs:
+                flag = "the model settings" if name == "model_overrides" else "--" + name.replace("_", "-")
+                conflicts.append(f"{flag} {_shown(mine)} (the run's: {_shown(theirs)})")
         if conflicts:
+            may_change = ", ".join("--" + n.replace("_", "-") for n in sorted(RESUME_MAY_CHANGE - {"resume"}))
             raise ValueError(
                 "a resumed run keeps its own settings, and these differ: "
                 + "; ".join(conflicts)
-                + " (only --epochs, --time-limit, --patience, --device, --eval-batch-size, --cache and "
-                "--cuda-graphs may change; start a new run with --init-from for the others)"
+                + f" (a resume may change only {may_change}; for others, start a new run with --init-from)"
             )
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """An option's value as a resume compares it: QM9 in any case, no model overrides as {}."""
+    if name == "targets":
+        return tuple(value)
+    if name == "dataset" and str(value).lower() == "qm9":
+        return "qm9"
+    if name == "model_overrides":
+        return dict(value or {})
+    return value
 
 
 def _shown(value: Any) -> str:

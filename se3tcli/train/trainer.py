@@ -7,9 +7,10 @@ Ctrl-C) continues with ``resume`` exactly where it stopped.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,14 @@ class TrainingReporter:
 
 
 class Trainer:
-    def __init__(self, options: TrainOptions, reporter: TrainingReporter | None = None):
+    def __init__(
+        self,
+        options: TrainOptions,
+        reporter: TrainingReporter | None = None,
+        given: Collection[str] | None = None,  # the options a command line set (for the resume rules)
+    ):
         self.opts = options
+        self.given = given
         self.reporter = reporter or TrainingReporter()
         self.dist = init_distributed(options.device)
         self.device = training_device(options.device, self.dist)
@@ -65,7 +72,7 @@ class Trainer:
             self.run_dir.refuse_existing_run()
             self.opts = self.opts.for_new_run()
         else:
-            self.opts = self.opts.resumed(saved["training"]["options"])
+            self.opts = self.opts.resumed(saved["training"]["options"], self.given)
         opts = self.opts
         torch.manual_seed(opts.seed)
         self.labelled: LabelledData = load_labelled(
@@ -132,13 +139,8 @@ class Trainer:
                 self.model, update, opts.targets, self.scale, self.device, opts.amp, self.static_shape,
                 self.reporter.message,
             )  # fmt: skip
-
-        def collate_part(part: np.ndarray) -> tuple[Batch, torch.Tensor]:
-            batch, y, _ = next(batches(self.labelled.data, part, len(part), self.config.cutoff))
-            return batch, y
-
         return EagerStep(
-            self.network, update, opts.targets, self.scale, self.device, opts.amp, collate_part,
+            self.network, update, opts.targets, self.scale, self.device, opts.amp, self._collate,
             self.reporter.message, micro_batches,
         )  # fmt: skip
 
@@ -161,13 +163,33 @@ class Trainer:
         data, train = self.labelled.data, self.labelled.split["train"]
         atoms, edges = np.zeros(len(data), np.int64), np.zeros(len(data), np.int64)
         atoms[train], edges[train] = graph_sizes(data.molecule, train, self.config.cutoff)
-        self.sizes = (atoms, edges)
-        if opts.cuda_graphs:  # a graph replays one shape: every batch needs an atom and an edge budget
-            if not opts.max_atoms:
-                opts.max_atoms = max(int(atoms[train].max()), round(opts.batch_size * atoms[train].mean()))
-            if not opts.max_edges:
-                opts.max_edges = max(int(edges[train].max()), round(opts.batch_size * edges[train].mean()))
-            self.static_shape = StaticShape.for_budget(opts.max_atoms, opts.max_edges, opts.batch_size)
+        if opts.max_atoms or opts.max_edges:  # batches bounded by size
+            if opts.cuda_graphs:  # a graph replays one shape: a budget given for one, a default for the other
+                mean = opts.batch_size
+                opts.max_atoms = opts.max_atoms or max(
+                    int(atoms[train].max()), round(mean * atoms[train].mean())
+                )
+                opts.max_edges = opts.max_edges or max(
+                    int(edges[train].max()), round(mean * edges[train].mean())
+                )
+            self.sizes = (atoms, edges)
+            largest = (opts.max_atoms, opts.max_edges)
+        else:  # fixed-size batches, with or without graphs: the same batches either way
+            largest = self._largest_fixed_batch(atoms, edges)
+        if opts.cuda_graphs:
+            self.static_shape = StaticShape.for_budget(*largest, opts.batch_size)
+
+    def _largest_fixed_batch(self, atoms: np.ndarray, edges: np.ndarray) -> tuple[int, int]:
+        """Most atoms and most edges of any ``batch_size`` batch in the run's epochs (the orders are
+        seeded, so they are known in advance): CUDA graphs then replay the very batches an eager run
+        takes, and a run may switch between the two when it resumes."""
+        most_atoms = most_edges = 0
+        for epoch in range(self.opts.epochs):
+            order = self._epoch_order(epoch)
+            starts = np.arange(0, len(order), self.opts.batch_size)
+            most_atoms = max(most_atoms, int(np.add.reduceat(atoms[order], starts).max()))
+            most_edges = max(most_edges, int(np.add.reduceat(edges[order], starts).max()))
+        return most_atoms, most_edges
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         train = self.labelled.split["train"]
@@ -186,10 +208,14 @@ class Trainer:
             order, atoms, edges, self.opts.max_atoms, self.opts.max_edges, self.opts.batch_size
         )
 
+    def _collate(self, chunk: np.ndarray) -> tuple[Batch, torch.Tensor]:
+        """The molecules ``chunk`` as one batch, and their targets ``[b, T]``."""
+        batch, y, _ = next(batches(self.labelled.data, chunk, len(chunk), self.config.cutoff))
+        return batch, y
+
     def _collated(self, chunks: Sequence[np.ndarray]) -> Iterator[tuple[np.ndarray, Batch, torch.Tensor]]:
         for chunk in chunks:
-            batch, y, _ = next(batches(self.labelled.data, chunk, len(chunk), self.config.cutoff))
-            yield chunk, batch, y
+            yield chunk, *self._collate(chunk)
 
     # --- checkpoints
     @property
@@ -197,24 +223,28 @@ class Trainer:
         """The weights to validate, save and export: the average where there is one."""
         return self.ema.model if self.ema is not None else self.model
 
-    def _training_summary(self) -> dict[str, Any]:
+    @functools.cached_property
+    def domain(self) -> dict[str, Any]:
+        """What the data covers, for the domain warnings of predictions (stored in every checkpoint)."""
         data = self.labelled.data
-        n_atoms = data.n_atoms()
-        heavy = np.add.reduceat((data.numbers > 1).astype(np.int64), data.offsets[:-1]) if len(data) else [0]
-        train_heavy = np.asarray(heavy)[self.labelled.split["train"]]
+        heavy = np.add.reduceat((data.numbers > 1).astype(np.int64), data.offsets[:-1])
+        train_heavy = heavy[self.labelled.split["train"]]
+        return {
+            "elements": sorted({int(z) for z in np.unique(data.numbers)}),
+            "max_atoms": int(data.n_atoms().max()),
+            "max_heavy_atoms": int(heavy.max()),
+            # Training molecules per heavy-atom count: predictions warn where few were seen.
+            "train_molecules_by_heavy_atoms": {
+                str(k): int(n) for k, n in zip(*np.unique(train_heavy, return_counts=True), strict=True)
+            },
+        }
+
+    def _training_summary(self) -> dict[str, Any]:
         return {
             "options": self.opts.to_dict(),
             "command": self.opts.command,
             "data": self.labelled.description,
-            "domain": {
-                "elements": sorted({int(z) for z in np.unique(data.numbers)}),
-                "max_atoms": int(n_atoms.max()),
-                "max_heavy_atoms": int(np.max(heavy)),
-                # Training molecules per heavy-atom count: predictions warn where few were seen.
-                "train_molecules_by_heavy_atoms": {
-                    str(k): int(n) for k, n in zip(*np.unique(train_heavy, return_counts=True), strict=True)
-                },
-            },
+            "domain": self.domain,
             "epochs_done": self.epoch,
             "steps": self.step,
             "wall_time_s": round(self.elapsed, 1),

@@ -42,7 +42,11 @@ def make_private_folders(folder: Path) -> None:
             os.mkdir(path, PRIVATE)
         except FileExistsError:  # made meanwhile by another process: checked like any other
             continue
-        os.chmod(path, PRIVATE)  # whatever bits the umask removed
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # this folder, not a link put there
+        try:
+            os.fchmod(fd, PRIVATE)  # whatever bits the umask removed
+        finally:
+            os.close(fd)
 
 
 def check_private(path: Path, status: os.stat_result) -> None:
@@ -55,10 +59,23 @@ def check_private(path: Path, status: os.stat_result) -> None:
         raise UntrustedCache(f"{path} is writable by {who}")
 
 
+def check_ancestors(root: Path) -> None:
+    """Raise :class:`UntrustedCache` unless every folder above ``root`` (a real path, without links) belongs
+    to this user or to root and is writable by no one else, or has the sticky bit (like ``/tmp``), which
+    keeps others from renaming what they do not own. Otherwise someone could swap a folder on the way to
+    the cache between its checks and the loader's open."""
+    for folder in reversed(root.parents):
+        status = os.lstat(folder)
+        if status.st_uid not in (0, os.getuid()):
+            raise UntrustedCache(f"{folder} belongs to another user (uid {status.st_uid})")
+        if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not status.st_mode & stat.S_ISVTX:
+            raise UntrustedCache(f"{folder} is writable by others (and has no sticky bit)")
+
+
 def check_folders(root: Path, folder: Path) -> None:
-    """Check ``root`` (which may be a symbolic link the user chose) and every folder below it down to
+    """Check ``root`` (a real path, see :func:`check_ancestors`) and every folder below it down to
     ``folder``, which must be real folders, not links."""
-    status = os.stat(root)
+    status = os.lstat(root)
     if not stat.S_ISDIR(status.st_mode):
         raise UntrustedCache(f"{root} is not a folder")
     check_private(root, status)

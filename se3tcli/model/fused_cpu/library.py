@@ -34,6 +34,7 @@ from se3tcli.model.fused_cpu.cache import (
     PRIVATE,
     UntrustedCache,
     UnverifiedFile,
+    check_ancestors,
     check_folders,
     check_unchanged,
     make_private_folders,
@@ -105,12 +106,13 @@ def find_compiler() -> list[str] | None:
     return None if found is None else [found, *command[1:]]
 
 
-def cache_entry(compiler: list[str]) -> CacheEntry:
-    """Where the build of the source with ``compiler`` on this machine lives in the cache."""
+def cache_entry(compiler: list[str], root: Path | None = None) -> CacheEntry:
+    """Where the build of the source with ``compiler`` on this machine lives in the cache (``root``, by
+    default the se3t cache directory)."""
     key = hashlib.sha256(
         "\0".join([SOURCE.read_text(), *compiler, *FLAGS, _machine_signature()]).encode()
     ).hexdigest()[:16]
-    folder = default_cache_dir() / FOLDER
+    folder = (root or default_cache_dir()) / FOLDER
     return CacheEntry(folder, folder / f"fused_attention-{key}.so", folder / f"fused_attention-{key}.failed")
 
 
@@ -171,10 +173,13 @@ def _load() -> KernelLibrary:
     compiler = find_compiler()
     if compiler is None:
         raise KernelUnavailable("no C compiler found", quiet=True)
-    entry = cache_entry(compiler)
-    root = default_cache_dir()
-    make_private_folders(entry.folder)
+    make_private_folders(default_cache_dir() / FOLDER)
+    # From here on, the real path: a link on the way (the user's choice, or someone else's) is resolved
+    # once, and what is checked is what the loader opens.
+    root = Path(os.path.realpath(default_cache_dir()))
+    entry = cache_entry(compiler, root)
     try:
+        check_ancestors(root)
         check_folders(root, entry.folder)
     except UntrustedCache as error:
         raise KernelUnavailable(f"refusing to load compiled code from the se3t cache: {error}") from None

@@ -27,7 +27,7 @@ _READER_BY_SUFFIX: dict[str, FileReader] = {
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_READER_BY_SUFFIX)
 
 
-def _reader_of(path: str | Path) -> FileReader | None:
+def reader_of(path: str | Path) -> FileReader | None:
     name = Path(path).name.lower()
     return next((reader for suffix, reader in _READER_BY_SUFFIX.items() if name.endswith(suffix)), None)
 
@@ -40,7 +40,7 @@ def check_inputs(paths: Iterable[str | Path]) -> None:
             raise InputError(f"input file not found: {path}")
         if p.is_dir():
             raise InputError(f"input is a directory, not a file: {path}")
-        if _reader_of(p) is None:
+        if reader_of(p) is None:
             raise InputError(f"unsupported input format: {path} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
         if not os.access(p, os.R_OK):
             raise InputError(f"input file is not readable: {path}")
@@ -80,5 +80,5 @@ def read_molecules(
 
 def _iter_molecules(paths: list[str | Path], smiles: list[str], embed: bool, seed: int) -> Iterator[Molecule]:
     for path in paths:
-        yield from read_file(path, _reader_of(path), embed, seed)
+        yield from read_file(path, reader_of(path), embed, seed)
     yield from read_smiles_strings(smiles, seed)

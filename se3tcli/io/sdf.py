@@ -46,7 +46,7 @@ def _next_row(supplier: Chem.ForwardSDMolSupplier, record: Record, embed: bool, 
             return None
         if mol is None:
             return record.error(f"cannot parse record: {log.reason('RDKit could not parse it')}")
-        return guarded(_from_mol, record, mol, embed, seed)
+        return guarded(molecule_from_rdkit, record, mol, embed, seed)
 
 
 def _text_prop(mol: Chem.Mol, key: str) -> str | None:
@@ -57,7 +57,9 @@ def _text_prop(mol: Chem.Mol, key: str) -> str | None:
         return None
 
 
-def _from_mol(record: Record, mol: Chem.Mol, embed: bool, seed: int) -> Molecule:
+def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -> Molecule:
+    """The row of an RDKit molecule (as an SDF record gives it): hydrogens and a 3D conformer added where
+    it lacks them (warnings, or errors without ``embed``); SD tags as properties."""
     name = (_text_prop(mol, "_Name") or "").strip() if mol.HasProp("_Name") else ""
     properties: dict[str, str] = {}
     warnings: list[str] = []

@@ -45,8 +45,13 @@ SMILES_READER = FileReader(open=open_text, rows=_rows)
 def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Molecule]:
     """One row per string "SMILES [name ...]", with source ``SMILES_SOURCE``."""
     for index, line in enumerate(lines):
-        smiles, name = _split_line(line)
-        yield guarded(_from_smiles, Record(SMILES_SOURCE, index), smiles, name, seed)
+        yield molecule_from_smiles(line, index, seed)
+
+
+def molecule_from_smiles(line: str, index: int, seed: int) -> Molecule:
+    """The row of one string "SMILES [name ...]": record ``index`` of ``SMILES_SOURCE``."""
+    smiles, name = _split_line(line)
+    return guarded(_from_smiles, Record(SMILES_SOURCE, index), smiles, name, seed)
 
 
 def _split_line(line: str) -> tuple[str, str]:

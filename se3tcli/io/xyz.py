@@ -90,13 +90,19 @@ def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule
         return record.error(f"unknown element symbol {exc.args[0]!r}", name)
     except Exception as exc:  # ASE raises many exception types for malformed frames
         return record.error(f"ASE cannot parse the frame: {reason(exc)}", name)
+    return molecule_from_atoms(record, atoms, name, with_info=metadata)
+
+
+def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_info: bool = True) -> Molecule:
+    """The row of an ASE ``Atoms``: its ``info`` entries (and scalar calculator results) as properties,
+    its ``info["name"]`` as the name where there is one."""
     properties: dict[str, str] = {}
-    if metadata:
+    if with_info:
         entries = dict(atoms.info)
         if atoms.calc is not None:  # ASE moves energy-like keys (energy, free_energy, ...) to a calculator
             entries.update((k, v) for k, v in atoms.calc.results.items() if np.ndim(v) == 0)
         properties = {str(k): _info_text(v) for k, v in entries.items()}
-        name = properties.get("name", "").strip()
+        name = properties.get("name", "").strip() or name
     numbers = np.asarray(atoms.numbers, dtype=np.int64)  # [n_atoms]
     positions = np.asarray(atoms.positions, dtype=np.float64)  # [n_atoms, 3] Å
     return record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols())

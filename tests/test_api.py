@@ -1,0 +1,91 @@
+"""se3t from Python: ``se3tcli.load_model(...).predict(...)`` on every kind of input, the DataFrame, the
+ASE calculator, and the README's example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from e3nn import o3
+from rdkit import Chem
+from rdkit.Chem import AllChem
+
+import se3tcli as se3t
+from se3tcli.calculator import SE3TCalculator
+from se3tcli.checkpoint import load_model as load_checkpoint
+from se3tcli.io import read_molecules
+from se3tcli.predict import predict_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _embedded(smiles: str) -> Chem.Mol:
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=3)
+    return mol
+
+
+def test_every_kind_of_input_gives_the_command_lines_rows(tiny_checkpoint: Path, samples: Path) -> None:
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    sdf = samples / "qm9_sample.sdf"
+    water = molecule("H2O")
+    rows = model.predict(["CCO ethanol", _embedded("CO"), water, str(sdf), 7, "not a smiles"])
+    n_sdf = len(list(read_molecules([sdf])))
+    assert len(rows) == 3 + n_sdf + 2
+    assert [r.source for r in rows[:3]] == ["<smiles>", "<rdkit>", "<ase>"]
+    assert [r.index for r in rows[:3]] == [0, 1, 2] and rows[0].name == "ethanol" and rows[2].name == "H2O"
+    assert rows[0].status == "warning" and "force-field geometry" in rows[0].message
+    assert rows[1].formula == "CH4O" and rows[1].ok and rows[2].ok
+    assert rows[-2].status == "error" and "cannot predict a int" in rows[-2].message
+    assert rows[-1].status == "error" and all(v is None for v in rows[-1].values.values())
+    assert rows[0].units == model.units and set(rows[0].values) == set(model.targets)
+
+    # The file's rows are exactly what se3t predict computes for it.
+    loaded = load_checkpoint(str(tiny_checkpoint))
+    expected = list(predict_stream(loaded, read_molecules([sdf]), torch.device("cpu")))
+    for row, (m, values) in zip(rows[3 : 3 + n_sdf], expected, strict=True):
+        assert (row.name, row.index, row.status, row.message) == (m.name, m.index, m.status, m.message)
+        assert row.values == pytest.approx(values)
+
+
+def test_targets_a_single_input_and_the_data_frame(tiny_checkpoint: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    (row,) = model.predict("CCO", targets=["homo"])
+    assert list(row.values) == ["homo"] and row.to_dict()["homo"] == row.values["homo"]
+    frame = model.predict_frame(["CCO", "CC"], targets="homo,gap")
+    assert isinstance(frame, pd.DataFrame) and len(frame) == 2
+    assert list(frame.columns)[-2:] == ["homo [eV]", "gap [eV]"]
+    with pytest.raises(ValueError, match="unknown target"):
+        model.predict("CCO", targets="nope")
+
+
+def test_the_calculator_gives_an_equivariant_dipole_and_no_energy(tiny_checkpoint: Path) -> None:
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = SE3TCalculator(str(tiny_checkpoint))
+    dipole = atoms.get_dipole_moment()  # e·Å
+    summary = atoms.calc.results["se3t"]
+    assert np.linalg.norm(dipole) * 4.803204544 == pytest.approx(summary["mu"][0], rel=1e-4)
+    assert summary["homo"][1] == "eV" and summary["status"] in ("ok", "warning")
+    rotation = o3.rand_matrix().double().numpy()
+    turned = atoms.copy()
+    turned.positions = atoms.positions @ rotation.T
+    turned.calc = SE3TCalculator(str(tiny_checkpoint))
+    np.testing.assert_allclose(turned.get_dipole_moment(), rotation @ dipole, atol=1e-5)
+    assert "energy" not in SE3TCalculator.implemented_properties
+    with pytest.raises(Exception, match="energy"):
+        atoms.get_potential_energy()
+
+
+def test_the_readme_example_runs(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    text = (ROOT / "README.md").read_text()
+    (example,) = re.findall(r"### From Python\n\n```python\n(.*?)```", text, re.S)
+    monkeypatch.chdir(ROOT)
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and printed[0].startswith("ethanol warning -")
+    assert "force-field geometry" in printed[0] and " eV " in printed[0]

@@ -29,6 +29,7 @@ from se3tcli.io import (
     writer_formats,
 )
 from se3tcli.io.conformers import FORCE_FIELD_GEOMETRY
+from se3tcli.io.filereader import MAX_LINE_CHARS
 from se3tcli.io.molecule import close_pair
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_molecules"
@@ -250,14 +251,28 @@ def test_xyz_bad_frames(tmp_path):
     assert rows[7].name == "after"
 
 
-def test_xyz_garbage_count_line_ends_the_file(tmp_path):
+def test_xyz_garbage_where_a_count_line_should_be_is_one_error_row(tmp_path):
+    """Reading goes on at the next line that holds only a number: the frames after it are not lost."""
     path = tmp_path / "garbage.xyz"
-    path.write_text(_xyz_frame("O H H", WATER, "good") + "not a count\n" + _xyz_frame("O H H", WATER, "lost"))
+    path.write_text(_xyz_frame("O H H", WATER, "good") + "not a count\n" + _xyz_frame("O H H", WATER, "kept"))
     rows = _read(path)
-    assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR]
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR, STATUS_OK]
     assert rows[1].message == (
-        "garbage.xyz record 2: expected an atom count line, found 'not a count'; rest of the file skipped"
+        "garbage.xyz record 2: expected an atom count line, found 'not a count'; "
+        "1 line(s) skipped to the next frame"
     )
+    assert rows[2].name == "kept"
+
+
+def test_xyz_frame_with_an_extra_atom_line_loses_no_later_frame(tmp_path):
+    extra = _xyz_frame("O H H", WATER, "extra") + "H 0.0 0.0 1.5\n"  # one atom line more than declared
+    path = tmp_path / "extra.xyz"
+    path.write_text(extra + _xyz_frame("O H H", WATER, "next") + "3\ncut short\nO 0 0 0\n")
+    rows = _read(path)
+    assert [(m.name, m.status) for m in rows[:2]] == [("extra", STATUS_OK), ("extra.xyz#2", STATUS_ERROR)]
+    assert "found 'H 0.0 0.0 1.5'; 1 line(s) skipped to the next frame" in rows[1].message
+    assert [(m.name, m.status) for m in rows[2:]] == [("next", STATUS_OK), ("extra.xyz#4", STATUS_ERROR)]
+    assert rows[3].message.endswith("file ends after 1 of 3 atom lines")
 
 
 # -------------------------------------------------------------------------------------------- SMILES
@@ -542,3 +557,41 @@ def test_unsupported_output_suffix(tmp_path):
     with pytest.raises(InputError):
         PredictionWriter(tmp_path / "missing_dir" / "out.csv", TARGETS, UNITS)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- broken SDF records
+
+
+def _sdf_record(name: str, smiles: str = "CO") -> str:
+    mol = Chem.AddHs(Chem.MolFromSmiles(smiles))
+    AllChem.EmbedMolecule(mol, randomSeed=1)
+    block = Chem.MolToMolBlock(mol)
+    return name + block[block.index("\n") :] + "> <homo>\n-7.0\n\n$$$$\n"
+
+
+def test_sdf_records_without_dollars_or_m_end_lose_no_other_record(tmp_path):
+    """A record missing its $$$$ used to swallow the next one; one missing M  END the rest of the file."""
+    no_dollars = _sdf_record("b").replace("$$$$\n", "")
+    no_end = _sdf_record("c").replace("M  END\n", "")
+    path = tmp_path / "broken.sdf"
+    path.write_text(_sdf_record("a") + no_dollars + _sdf_record("d") + no_end + _sdf_record("e"))
+    rows = _read(path)
+    assert [m.index for m in rows] == [0, 1, 2, 3, 4]
+    assert [m.name for m in rows if m.ok] == ["a", "b", "d", "e"]
+    assert all(m.properties.get("homo") == "-7.0" for m in rows if m.ok)
+    assert rows[3].status == STATUS_ERROR
+    assert rows[3].message.startswith("broken.sdf record 4: cannot parse record (it has no 'M  END' line)")
+
+
+def test_sdf_line_longer_than_the_limit_is_that_records_error(tmp_path):
+    path = tmp_path / "long.sdf.gz"
+    huge = "> <note>\n" + "x" * (MAX_LINE_CHARS + 10) + "\n\n$$$$\n"
+    with gzip.open(path, "wt") as handle:
+        handle.write(_sdf_record("a") + _sdf_record("b").replace("$$$$\n", huge) + _sdf_record("c"))
+    rows = _read(path)
+    assert [(m.name, m.status) for m in rows] == [
+        ("a", STATUS_OK),
+        ("long.sdf.gz#2", STATUS_ERROR),
+        ("c", STATUS_OK),
+    ]
+    assert rows[1].message.endswith(f"a line longer than {MAX_LINE_CHARS} bytes")

@@ -10,7 +10,7 @@ from typing import IO
 
 from se3tcli.io.molecule import Molecule, Record, reason
 
-MAX_LINE_CHARS = 1 << 20  # longest text line the XYZ/SMILES readers accept (1 MiB)
+MAX_LINE_CHARS = 1 << 20  # longest line the readers accept (1 MiB; bytes for SDF)
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,13 @@ def open_text(path: str | Path) -> IO[str]:
     return open(path, encoding="utf-8", errors="replace")
 
 
-def text_lines(handle: IO[str]) -> Iterator[str | None]:
-    """Lines of a text file; None for a line longer than ``MAX_LINE_CHARS`` (the rest of it is skipped)."""
+def text_lines(handle: IO[str] | IO[bytes]) -> Iterator[str | bytes | None]:
+    """Lines of a text or binary file; None for a line longer than ``MAX_LINE_CHARS`` (the rest of it is
+    skipped, so one endless line costs no memory)."""
     while line := handle.readline(MAX_LINE_CHARS):
-        if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
-            while (rest := handle.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+        newline = "\n" if isinstance(line, str) else b"\n"
+        if len(line) == MAX_LINE_CHARS and not line.endswith(newline):
+            while (rest := handle.readline(MAX_LINE_CHARS)) and not rest.endswith(newline):
                 pass
             yield None
         else:

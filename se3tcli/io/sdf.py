@@ -8,6 +8,8 @@ warnings, or errors with ``embed=False``.
 from __future__ import annotations
 
 import gzip
+import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -15,7 +17,7 @@ from typing import IO
 from rdkit import Chem
 
 from se3tcli.io.conformers import generate_conformer
-from se3tcli.io.filereader import FileReader
+from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, text_lines
 from se3tcli.io.molecule import Molecule, Record, element_problem, guarded, reason
 from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
 
@@ -27,25 +29,51 @@ def _open(path: str | Path) -> IO[bytes]:
 
 
 def _rows(handle: IO[bytes], source: str, embed: bool, seed: int) -> Iterator[Molecule]:
-    supplier = Chem.ForwardSDMolSupplier(handle, sanitize=False, removeHs=False)
-    index = 0
-    while (row := _next_row(supplier, Record(source, index), embed, seed)) is not None:
-        yield row
-        index += 1
+    for index, (text, problem) in enumerate(_records(handle)):
+        record = Record(source, index)
+        yield record.error(problem) if problem else _row(text, record, embed, seed)
 
 
 SDF_READER = FileReader(open=_open, rows=_rows)
 
+# The counts line of a molfile (V2000: atom and bond counts in 3-character fields; or V3000).
+_COUNTS_LINE = re.compile(rb"^[ \d]{6}.*V2000\s*$|^.*V3000\s*$")
+_HEADER_LINES = 3  # name, program and comment lines before the counts line
 
-def _next_row(supplier: Chem.ForwardSDMolSupplier, record: Record, embed: bool, seed: int) -> Molecule | None:
-    """The next record's row, or None at the end of the file; errors of the stream itself propagate."""
+
+def _records(handle: IO[bytes]) -> Iterator[tuple[bytes, str]]:
+    """The file's records as ``(text, problem)``, split at ``$$$$`` lines, and also where a record lacks
+    its ``$$$$``: a molfile's counts line after the previous record's ``M  END`` starts a new record. A
+    record with a line over 1 MiB is a problem (its text is dropped); so one broken record is one row."""
+    lines: list[bytes] = []
+    after_end, problem = False, ""
+    for line in text_lines(handle):
+        if line is None:
+            problem = problem or f"a line longer than {MAX_LINE_CHARS} bytes"
+            continue
+        stripped = line.rstrip(b"\r\n")
+        if stripped == b"$$$$":
+            yield b"".join(lines), problem
+            lines, after_end, problem = [], False, ""
+            continue
+        lines.append(line)
+        if stripped.startswith(b"M  END"):
+            after_end = True
+        elif after_end and len(lines) > _HEADER_LINES + 1 and _COUNTS_LINE.match(stripped):
+            start = len(lines) - 1 - _HEADER_LINES  # this molecule's name line
+            yield b"".join(lines[:start]), problem
+            lines, after_end, problem = lines[start:], False, ""
+    if any(line.strip() for line in lines) or problem:
+        yield b"".join(lines), problem  # the last record may lack its $$$$
+
+
+def _row(text: bytes, record: Record, embed: bool, seed: int) -> Molecule:
     with RDKitLog() as log:
-        try:
-            mol = next(supplier)
-        except StopIteration:
-            return None
+        supplier = Chem.ForwardSDMolSupplier(io.BytesIO(text + b"$$$$\n"), sanitize=False, removeHs=False)
+        mol = next(supplier, None)
         if mol is None:
-            return record.error(f"cannot parse record: {log.reason('RDKit could not parse it')}")
+            missing = "" if b"M  END" in text else " (it has no 'M  END' line)"
+            return record.error(f"cannot parse record{missing}: {log.reason('RDKit could not parse it')}")
         return guarded(molecule_from_rdkit, record, mol, embed, seed)
 
 

@@ -38,8 +38,9 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
     """Split an XYZ file into frames: (comment line, atom lines, problem); problem is "" for a sound frame.
 
     Blank lines between frames are skipped. When a frame ends early (a line that cannot be an atom line),
-    that frame is a problem and the line is tried as the next frame's atom count. When no atom count can be
-    found, one last problem frame covers the rest of the file.
+    that frame is a problem and the line is tried as the next frame's atom count. Lines where an atom count
+    should be (an extra atom line, say) make one problem frame, up to the next line that holds only a
+    number, where reading goes on: one broken frame never loses the frames after it.
     """
     lines = text_lines(handle)
     line = next(lines, _EOF)
@@ -51,8 +52,16 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
         words = line.split() if isinstance(line, str) else []
         if not words or not _COUNT_LINE.fullmatch(words[0]):
             found = _shorten(line) if isinstance(line, str) else "an overlong line"
-            yield "", [], f"expected an atom count line, found {found!r}; rest of the file skipped"
-            return
+            skipped = 1
+            while (line := next(lines, _EOF)) is not _EOF and not _is_count_line(line):
+                skipped += 1
+            following = "the next frame" if line is not _EOF else "the end of the file"
+            yield (
+                "",
+                [],
+                f"expected an atom count line, found {found!r}; {skipped} line(s) skipped to {following}",
+            )
+            continue
         n_atoms = int(words[0])
         comment = next(lines, _EOF)
         if not isinstance(comment, str):
@@ -72,6 +81,12 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
             line = next(lines, _EOF)
             continue
         yield "", [], f"frame declares {n_atoms} atoms but has {len(atom_lines)} atom lines"
+
+
+def _is_count_line(line: str | None) -> bool:
+    """A line with one whole number and nothing else: where a frame can start again after a broken one."""
+    words = line.split() if isinstance(line, str) else []
+    return len(words) == 1 and _COUNT_LINE.fullmatch(words[0]) is not None
 
 
 def _shorten(text: str, limit: int = 40) -> str:

@@ -333,29 +333,46 @@ def train(
 @guarded
 def evaluate(
     model: Annotated[str | None, typer.Option(help="Bundled model name or checkpoint path.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Default: the checkpoint's training data.")] = None,
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    dataset: Annotated[
+        str | None, typer.Option(help="'qm9' or a labelled .sdf/.extxyz file (default: the model's data).")
+    ] = None,
+    targets: Annotated[
+        str | None, typer.Option(help="Comma-separated targets to score (default: all the model's).")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="train, val, test, or all (every molecule of --dataset).")
+    ] = "test",
     limit: Annotated[
         int | None, typer.Option(min=1, help="Evaluate the first N molecules of the split.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     plots: Annotated[Path | None, typer.Option(help="Write a parity plot PNG per target here.")] = None,
+    predictions: Annotated[
+        Path | None, typer.Option(help="Write every molecule's true and predicted values to this CSV.")
+    ] = None,
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
     debug: DebugOption = False,
 ) -> None:
-    """MAE and RMSE per target, in physical units, on a split of the data the model was trained on."""
+    """MAE, RMSE and R² per target, in physical units, on a split of the model's data or on a labelled file
+    (SD tags or extXYZ keys such as homo, homo_eV or "homo [Ha]", converted)."""
     from se3tcli.checkpoint import load_model
     from se3tcli.render import metrics_table
-    from se3tcli.train import labelled_for_checkpoint, split_predictions
+    from se3tcli.train import labelled_for_checkpoint, split_predictions, write_predictions
 
-    if split not in ("train", "val", "test"):
-        raise UsageError(f"--split must be train, val or test, not {split!r}")
+    if split not in ("train", "val", "test", "all"):
+        raise UsageError(f"--split must be train, val, test or all, not {split!r}")
     torch_device = _device(device)
     loaded = load_model(model, torch_device)
-    labelled = labelled_for_checkpoint(loaded.checkpoint, dataset, str(cache) if cache else None)
+    chosen = _targets(targets, loaded.targets)
+    try:
+        labelled = labelled_for_checkpoint(loaded.checkpoint, dataset, str(cache) if cache else None, chosen)
+    except ValueError as exc:  # e.g. a file without the labels
+        raise UsageError(str(exc)) from None
     pred, truth, metrics = split_predictions(loaded.model, labelled, split, batch_size, torch_device, limit)
+    if predictions:
+        write_predictions(predictions, labelled, split, pred, limit)
     if plots:
         from se3tcli.plots import parity_plots
 
@@ -365,6 +382,9 @@ def evaluate(
         print(json.dumps({"model": str(loaded.path), "split": split, "n": n, "metrics": metrics}))
         return
     console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {n} molecules"))
+    for what, where in (("predictions", predictions), ("parity plots", plots)):
+        if where:
+            console.print(f"{what} written to {where}", markup=False)
 
 
 # ----------------------------------------------------------------------------- check-equivariance

@@ -113,9 +113,10 @@ def plain(text: str) -> str:
 
 
 def metrics_table(metrics: dict[str, dict], title: str) -> Table:
-    """MAE/RMSE per target in error units, beside the SE(3)-Transformer paper's MAE where it has one."""
+    """MAE/RMSE per target in error units and R², beside the SE(3)-Transformer paper's MAE (if any)."""
     table = Table(title=Text(title))
-    for name, justify in (("target", "left"), ("MAE", "right"), ("RMSE", "right"), ("unit", "left")):
+    columns = (("target", "left"), ("MAE", "right"), ("RMSE", "right"), ("R²", "right"), ("unit", "left"))
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     table.add_column("paper MAE", justify="right", style="dim")
     for t, m in metrics.items():
@@ -124,6 +125,7 @@ def metrics_table(metrics: dict[str, dict], title: str) -> Table:
             t,
             _fmt(m["mae_error_unit"]),
             _fmt(m["rmse_error_unit"]),
+            _fmt(m.get("r2")),
             m["error_unit"],
             "" if paper is None else f"{paper:g}",
         )

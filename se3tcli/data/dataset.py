@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from se3tcli.data.labels import label_value
 from se3tcli.data.qm9 import QM9Data, load_qm9
 from se3tcli.data.splits import QM9_SPLIT_SIZES, random_split
 
@@ -80,7 +81,7 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
     """
     from se3tcli.io import read_molecules  # RDKit/ASE are needed only for files
 
-    numbers, positions, values, counts = [], [], [], []
+    numbers, positions, values, counts, records = [], [], [], [], []
     skipped = 0
     for molecule in read_molecules([path]):
         row = _target_values(molecule.properties, targets) if molecule.ok else None
@@ -91,6 +92,7 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
         positions.append(molecule.positions.astype(np.float32))
         values.append(row)
         counts.append(len(molecule.numbers))
+        records.append(molecule.index + 1)
     if len(values) < 3:
         raise ValueError(
             f"{path}: only {len(values)} records carry all of {', '.join(targets)} "
@@ -103,21 +105,12 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
         positions=np.concatenate(positions),
         offsets=offsets,
         targets=np.asarray(values, dtype=np.float64),
-        index=np.arange(1, len(values) + 1, dtype=np.int32),
+        index=np.asarray(records, dtype=np.int32),  # 1-based record numbers in the file
         target_names=tuple(targets),
     )
 
 
 def _target_values(properties: dict, targets: Sequence[str]) -> list[float] | None:
-    lowered = {str(k).lower(): v for k, v in properties.items()}
-    row = []
-    for target in targets:
-        raw = properties.get(target, lowered.get(target.lower()))
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            return None
-        if not np.isfinite(value):
-            return None
-        row.append(value)
-    return row
+    """The record's value of every target (display units), or None if one is missing."""
+    row = [label_value(properties, target) for target in targets]
+    return None if any(value is None for value in row) else row

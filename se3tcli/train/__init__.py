@@ -17,6 +17,7 @@ _EXPORTS = {
     "labelled_for_checkpoint": "evaluation",
     "predict_arrays": "evaluation",
     "split_predictions": "evaluation",
+    "write_predictions": "evaluation",
     "DEFAULT_EPOCHS": "options",
     "TrainOptions": "options",
     "build_model": "statistics",

@@ -1,0 +1,60 @@
+"""A target's value in a record's properties (SD tags, extXYZ info keys), in the target's display unit.
+
+A key names the target in any case, with or without a unit: ``homo``, ``HOMO``, ``homo_eV``,
+``homo [eV]``, ``homo (Ha)``, ``gap_meV``, ``alpha [bohr3]``. Energies convert from eV, meV, Ha (hartree),
+kcal/mol and kJ/mol; the other targets take their own unit (in a few spellings). A key with an unknown
+unit is not used, so a wrong unit is never read as the right one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from se3tcli.targets import HARTREE_TO_EV, TARGETS
+
+_KEY = re.compile(
+    r"^\s*(?P<name>[A-Za-z][A-Za-z0-9]*?)\s*"  # the target
+    r"(?:\[(?P<square>[^\]]*)\]|\((?P<round>.*)\)|_(?P<suffix>\S+))?\s*$"  # [unit], (unit) or _unit
+)
+
+# Factors to each display unit, by unit spelling (lower case, without spaces, "·", "*", "^" and brackets).
+_TO_DISPLAY: dict[str, dict[str, float]] = {
+    "eV": {"ev": 1.0, "mev": 1e-3, "ha": HARTREE_TO_EV, "hartree": HARTREE_TO_EV, "eh": HARTREE_TO_EV,
+           "kcal/mol": 0.0433641153, "kj/mol": 0.0103642688},
+    "D": {"d": 1.0, "debye": 1.0},
+    "bohr³": {"bohr3": 1.0, "a03": 1.0, "bohr**3": 1.0},
+    "bohr²": {"bohr2": 1.0, "a02": 1.0, "bohr**2": 1.0},
+    "cal/(mol·K)": {"cal/molk": 1.0, "cal/mol/k": 1.0, "cal/mol.k": 1.0, "cal/k/mol": 1.0},
+}  # fmt: skip
+
+
+def _spelling(unit: str) -> str:
+    unit = unit.lower().replace("³", "3").replace("²", "2")
+    return re.sub(r"[\s·*^()\[\]]", "", unit)
+
+
+def unit_factor(target: str, unit: str | None) -> float | None:
+    """The factor from ``unit`` to ``target``'s display unit (1 without a unit); None when unknown."""
+    if unit is None:
+        return 1.0
+    return _TO_DISPLAY.get(TARGETS[target].unit, {}).get(_spelling(unit))
+
+
+def label_value(properties: Mapping[str, object], target: str) -> float | None:
+    """``target``'s finite value among ``properties`` in its display unit, or None where none is given.
+    The key spelled exactly like the target wins over other spellings."""
+    candidates = sorted(properties, key=lambda key: str(key) != target)
+    for key in candidates:
+        match = _KEY.match(str(key))
+        if match is None or match["name"].lower() != target.lower():
+            continue
+        factor = unit_factor(target, match["square"] or match["round"] or match["suffix"])
+        try:
+            value = float(properties[key]) * factor if factor is not None else math.nan
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            return value
+    return None

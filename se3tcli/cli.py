@@ -148,18 +148,28 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --output file (never an input).")
     ] = False,
+    input_format: Annotated[
+        str | None, typer.Option("--format", help="What standard input (-) holds: sdf, xyz or smi.")
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--output-format", help="With -o - (standard output): csv, json or sdf.")
+    ] = "csv",
     debug: DebugOption = False,
 ) -> None:
-    """Predict properties of the molecules in INPUTS (and --smiles) with a trained model."""
+    """Predict properties of the molecules in INPUTS (and --smiles) with a trained model. An input or an
+    --output of - is standard input or output (the table and messages then go to standard error)."""
     from se3tcli.checkpoint import load_model
-    from se3tcli.io import check_inputs, check_output, read_molecules
+    from se3tcli.io import STDIN, STDOUT, check_inputs, check_output, read_molecules
     from se3tcli.predict import predict_to_file
     from se3tcli.render import predictions_table, progress_bar, status_messages, table_order
 
     inputs, smiles = list(inputs or []), list(smiles or [])
     if not inputs and not smiles:
         raise UsageError("give at least one input file or --smiles")
-    check_inputs(inputs)
+    inputs = [STDIN if str(path) == STDIN else path for path in inputs]
+    check_inputs(inputs, input_format)
+    to_stdout = output is not None and str(output) == STDOUT
+    screen = err_console if to_stdout else console  # standard output carries the predictions then
     if output:
         check_output(output, inputs, overwrite)
     torch_device = _device(device)
@@ -175,27 +185,28 @@ def predict(
                 shown.append((replace(molecule, rdkit_mol=None), values))  # keep the table light
             progress.advance(task)
 
-        molecules = read_molecules(inputs, smiles, embed=not no_embed)
+        molecules = read_molecules(inputs, smiles, embed=not no_embed, stdin_format=input_format)
         report_oom = functools.partial(err_console.print, style="yellow")
         n_done, n_predicted = predict_to_file(
-            loaded, molecules, torch_device, chosen, output, on_row, batch_size, report_oom
+            loaded, molecules, torch_device, chosen, output, on_row, batch_size, report_oom, output_format
         )
     in_table = chosen if targets else table_order(chosen)  # --targets: the user's order
-    table, hidden = predictions_table(shown, in_table, loaded.typical_errors, console.width)
-    console.print(table)
+    table, hidden = predictions_table(shown, in_table, loaded.typical_errors, screen.width)
+    screen.print(table)
     if hidden:
         where = f"in {output}" if output else "with -o FILE"
-        console.print(
+        screen.print(
             f"({len(hidden)} more targets did not fit this terminal: {', '.join(hidden)}; "
             f"all of them {where}, or --targets to choose)",
             markup=False,
         )
     for line in status_messages(shown):
-        console.print(line, highlight=False, soft_wrap=True)
+        screen.print(line, highlight=False, soft_wrap=True)
     if output and n_done > len(shown):
-        console.print(f"(first {len(shown)} of {n_done} rows shown)", markup=False)
+        screen.print(f"(first {len(shown)} of {n_done} rows shown)", markup=False)
     summary = f"{n_predicted} of {n_done} molecules predicted"
-    console.print(summary + (f"; written to {output}" if output else ""), markup=False)
+    written = "standard output" if to_stdout else output
+    screen.print(summary + (f"; written to {written}" if output else ""), markup=False)
     if n_predicted == 0:
         raise typer.Exit(1)
 

@@ -165,12 +165,14 @@ def predict_to_file(
     on_row: Callable[[Molecule, Prediction | None], None],
     batch_size: int = 64,
     on_oom: Callable[[str], None] | None = None,
+    output_format: str | None = None,
 ) -> tuple[int, int]:
-    """:func:`predict_stream` with every row also written to ``output`` (if given) and passed to
+    """:func:`predict_stream` with every row also written to ``output`` (if given; ``-`` is standard
+    output in ``output_format``) and passed to
     ``on_row``; the file appears complete when all rows are in, and not at all if anything fails or the
     run is interrupted. Returns ``(rows, rows predicted)``."""
     n_rows = n_predicted = 0
-    writer = PredictionWriter(output, targets, loaded.units) if output else None
+    writer = PredictionWriter(output, targets, loaded.units, output_format) if output else None
     with writer or contextlib.nullcontext():
         for molecule, values in predict_stream(loaded, molecules, device, targets, batch_size, on_oom):
             if writer is not None:

@@ -17,12 +17,15 @@ renames it into place on :meth:`PredictionWriter.close`, so an output file is co
 
 from se3tcli.errors import STATUS_ERROR, STATUS_OK, STATUS_WARNING, InputError
 from se3tcli.io.molecule import MIN_DISTANCE, SMILES_SOURCE, Molecule
-from se3tcli.io.reading import SUPPORTED_SUFFIXES, check_inputs, read_molecules
-from se3tcli.io.writer import PredictionWriter, check_output, writer_formats
+from se3tcli.io.reading import STDIN, STDIN_FORMATS, SUPPORTED_SUFFIXES, check_inputs, read_molecules
+from se3tcli.io.writer import STDOUT, PredictionWriter, check_output, writer_formats
 
 __all__ = [
     "MIN_DISTANCE",
     "SMILES_SOURCE",
+    "STDIN",
+    "STDIN_FORMATS",
+    "STDOUT",
     "STATUS_ERROR",
     "STATUS_OK",
     "STATUS_WARNING",

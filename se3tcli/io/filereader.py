@@ -3,6 +3,7 @@ and ends it the same way for every format, and text lines of bounded length."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,16 +14,21 @@ from se3tcli.io.molecule import Molecule, Record, reason
 MAX_LINE_CHARS = 1 << 20  # longest line the readers accept (1 MiB; bytes for SDF)
 
 
+STDIN_SOURCE = "<stdin>"  # Molecule.source of records read from standard input
+
+
 @dataclass(frozen=True)
 class FileReader:
     """One input format: ``open(path)`` gives the handle that ``rows(handle, source, embed, seed)`` reads.
 
     ``rows`` yields one row per record, with record indices 0, 1, 2, ...; it turns problems of a record
     into that record's error row and lets errors of the stream itself (I/O, decompression) propagate.
+    ``binary``: whether ``rows`` reads bytes (else text).
     """
 
     open: Callable[[str | Path], IO]
     rows: Callable[[IO, str, bool, int], Iterator[Molecule]]
+    binary: bool = False
 
 
 def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
@@ -34,15 +40,27 @@ def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> I
     except OSError as exc:
         yield Record(source, 0).error(f"cannot open file: {reason(exc)}")
         return
-    count = 0  # rows so far, which is the index of the next record
     with handle:
-        try:
-            for row in reader.rows(handle, source, embed, seed):
-                yield row
-                count += 1
-        except Exception as exc:  # I/O or decompression errors of the underlying stream
-            yield Record(source, count).error(f"cannot read the rest of the file: {reason(exc)}")
-            return
+        yield from _rows_to_the_end(handle, source, reader, embed, seed)
+
+
+def read_stream(stream: IO[bytes], reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
+    """:func:`read_file` of a binary stream (standard input), whose rows have the source ``<stdin>``."""
+    handle = stream if reader.binary else io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+    yield from _rows_to_the_end(handle, STDIN_SOURCE, reader, embed, seed)
+
+
+def _rows_to_the_end(
+    handle: IO, source: str, reader: FileReader, embed: bool, seed: int
+) -> Iterator[Molecule]:
+    count = 0  # rows so far, which is the index of the next record
+    try:
+        for row in reader.rows(handle, source, embed, seed):
+            yield row
+            count += 1
+    except Exception as exc:  # I/O or decompression errors of the underlying stream
+        yield Record(source, count).error(f"cannot read the rest of the file: {reason(exc)}")
+        return
     if count == 0:
         yield Record(source, 0).error("no molecules found")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from se3tcli.errors import InputError
-from se3tcli.io.filereader import FileReader, read_file
+from se3tcli.io.filereader import FileReader, read_file, read_stream
 from se3tcli.io.molecule import Molecule
 from se3tcli.io.sdf import SDF_READER
 from se3tcli.io.smiles import SMILES_READER, read_smiles_strings
@@ -32,9 +33,21 @@ def reader_of(path: str | Path) -> FileReader | None:
     return next((reader for suffix, reader in _READER_BY_SUFFIX.items() if name.endswith(suffix)), None)
 
 
-def check_inputs(paths: Iterable[str | Path]) -> None:
-    """Raise :class:`InputError` for a missing or unreadable file, a directory or an unsupported suffix."""
+STDIN = "-"  # the input name of standard input
+STDIN_FORMATS = ("sdf", "xyz", "smi")  # what standard input may hold (--format)
+
+
+def check_inputs(paths: Iterable[str | Path], stdin_format: str | None = None) -> None:
+    """Raise :class:`InputError` for a missing or unreadable file, a directory or an unsupported suffix,
+    and for standard input (``-``) without a format or given twice."""
+    paths = list(paths)
+    if paths.count(STDIN) > 1:
+        raise InputError("standard input (-) can be read only once")
+    if STDIN in paths and stdin_format not in STDIN_FORMATS:
+        raise InputError(f"reading standard input (-) needs --format, one of {', '.join(STDIN_FORMATS)}")
     for path in paths:
+        if path == STDIN:
+            continue
         p = Path(path)
         if not p.exists():
             raise InputError(f"input file not found: {path}")
@@ -47,7 +60,11 @@ def check_inputs(paths: Iterable[str | Path]) -> None:
 
 
 def read_molecules(
-    paths: Iterable[str | Path] = (), smiles: Iterable[str] = (), embed: bool = True, seed: int = 42
+    paths: Iterable[str | Path] = (),
+    smiles: Iterable[str] = (),
+    embed: bool = True,
+    seed: int = 42,
+    stdin_format: str | None = None,
 ) -> Iterator[Molecule]:
     """Read molecules lazily from files (in the order given), then from SMILES strings.
 
@@ -62,6 +79,8 @@ def read_molecules(
         records are errors. SMILES are always embedded.
     seed
         Random seed of the ETKDGv3 conformer generator.
+    stdin_format
+        ``sdf``, ``xyz`` or ``smi``: what the input ``-`` (standard input) holds.
 
     Returns
     -------
@@ -74,11 +93,16 @@ def read_molecules(
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     smiles = [smiles] if isinstance(smiles, str) else list(smiles)
-    check_inputs(paths)
-    return _iter_molecules(paths, smiles, embed, seed)
+    check_inputs(paths, stdin_format)
+    return _iter_molecules(paths, smiles, embed, seed, stdin_format)
 
 
-def _iter_molecules(paths: list[str | Path], smiles: list[str], embed: bool, seed: int) -> Iterator[Molecule]:
+def _iter_molecules(
+    paths: list[str | Path], smiles: list[str], embed: bool, seed: int, stdin_format: str | None
+) -> Iterator[Molecule]:
     for path in paths:
-        yield from read_file(path, reader_of(path), embed, seed)
+        if path == STDIN:
+            yield from read_stream(sys.stdin.buffer, reader_of(f"-.{stdin_format}"), embed, seed)
+        else:
+            yield from read_file(path, reader_of(path), embed, seed)
     yield from read_smiles_strings(smiles, seed)

@@ -34,7 +34,7 @@ def _rows(handle: IO[bytes], source: str, embed: bool, seed: int) -> Iterator[Mo
         yield record.error(problem) if problem else _row(text, record, embed, seed)
 
 
-SDF_READER = FileReader(open=_open, rows=_rows)
+SDF_READER = FileReader(open=_open, rows=_rows, binary=True)
 
 # The counts line of a molfile (V2000: atom and bond counts in 3-character fields; or V3000).
 _COUNTS_LINE = re.compile(rb"^[ \d]{6}.*V2000\s*$|^.*V3000\s*$")

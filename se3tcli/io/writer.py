@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,11 +20,28 @@ def writer_formats() -> tuple[str, ...]:
     return tuple(FORMAT_BY_SUFFIX)
 
 
+STDOUT = "-"  # the output name of standard output
+
+
+class _StandardOutput:
+    """Standard output in place of an :class:`~se3tcli.files.AtomicFile`: rows go out as they come, so an
+    interrupted run leaves the rows so far (the reader of a pipe sees the end of the stream)."""
+
+    def __init__(self):
+        self.handle = sys.stdout
+
+    def commit(self) -> None:
+        self.handle.flush()
+
+    def abort(self) -> None:
+        self.handle.flush()
+
+
 def check_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool) -> None:
     """Refuse an output that is one of the inputs (also through links), and an existing file unless
     ``overwrite``: predictions written over a molecule file would lose its records."""
     target = Path(path)
-    if not target.exists():
+    if str(path) == STDOUT or not target.exists():
         return
     for source in inputs:
         with contextlib.suppress(OSError):
@@ -47,11 +65,14 @@ class PredictionWriter:
     Parameters
     ----------
     path
-        Output file; its suffix must be one of :func:`writer_formats`.
+        Output file; its suffix must be one of :func:`writer_formats`. ``-``: standard output, written as
+        the rows come (no temporary file), in ``output_format``.
     targets
         Predicted properties, in column order.
     units
         Unit of each target (a missing unit leaves the column name bare).
+    output_format
+        ``csv`` (the default), ``json`` or ``sdf``, for standard output.
 
     Raises
     ------
@@ -59,17 +80,25 @@ class PredictionWriter:
         For an unsupported suffix, or when the temporary file cannot be created.
     """
 
-    def __init__(self, path: str | Path, targets: Sequence[str], units: Mapping[str, str]):
+    def __init__(
+        self,
+        path: str | Path,
+        targets: Sequence[str],
+        units: Mapping[str, str],
+        output_format: str | None = None,
+    ):
         self.path = Path(path)
-        suffix = self.path.suffix.lower()
+        to_stdout = str(path) == STDOUT
+        suffix = f".{output_format or 'csv'}" if to_stdout else self.path.suffix.lower()
         if suffix not in FORMAT_BY_SUFFIX:
             raise InputError(f"unsupported output format: {path} (supported: {', '.join(writer_formats())})")
-        if self.path.is_dir():
+        if self.path.is_dir() and not to_stdout:
             raise InputError(f"output path is a directory: {path}")
         self.targets = tuple(targets)
         self.units = {t: units.get(t, "") for t in self.targets}
         try:
-            self._file = AtomicFile(self.path, "w", newline="")  # untranslated newlines, as csv needs
+            # untranslated newlines, as csv needs
+            self._file = _StandardOutput() if to_stdout else AtomicFile(self.path, "w", newline="")
         except OSError as exc:
             raise InputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         self._closed = False

@@ -13,11 +13,15 @@ The rows are the command line's: one per record, in input order, with the same s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import ase
+import numpy as np
 import torch
+from rdkit import Chem
 
 from se3tcli.checkpoint import LoadedModel
 from se3tcli.checkpoint import load_model as load_checkpoint
@@ -83,10 +87,9 @@ class Predictor:
         [name]"), file paths (one row per record), or one of these alone. ``targets``: a subset of the
         model's (names or a comma-separated string; default all). ``embed=False`` turns 2D records and
         records without hydrogens into errors instead of generating conformers."""
-        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+        if _single(inputs):
             inputs = [inputs]
-        chosen = parse_targets(targets if targets is None or isinstance(targets, str) else ",".join(targets),
-                               self.targets)  # fmt: skip
+        chosen = parse_targets(_target_spec(targets), self.targets)
         molecules = molecules_from_objects(inputs, embed=embed)
         rows = predict_stream(self.loaded, molecules, self.device, chosen, batch_size)
         units = {t: self.units[t] for t in chosen}
@@ -100,7 +103,22 @@ class Predictor:
         except ImportError:
             raise ImportError("predict_frame needs pandas: pip install pandas") from None
         rows = self.predict(inputs, **options)
-        return pd.DataFrame.from_records([_flat_with_units(row) for row in rows])
+        targets = parse_targets(_target_spec(options.get("targets")), self.targets)
+        values = [f"{t} [{self.units[t]}]" for t in targets]
+        columns = ["name", "source", "index", "formula", "status", "message", *values]
+        frame = pd.DataFrame.from_records([_flat_with_units(row) for row in rows], columns=columns)
+        return frame.astype({column: float for column in values})  # NaN where a row has no value
+
+
+def _single(inputs: object) -> bool:
+    """Whether ``inputs`` is one molecule (or file), not a collection of them: ASE Atoms and arrays are
+    iterable, but are one molecule each."""
+    one = (str, bytes, os.PathLike, Chem.Mol, ase.Atoms, np.ndarray)
+    return isinstance(inputs, one) or not isinstance(inputs, Iterable)
+
+
+def _target_spec(targets: Sequence[str] | str | None) -> str | None:
+    return targets if targets is None or isinstance(targets, str) else ",".join(targets)
 
 
 def _row(molecule: Molecule, values: dict[str, float] | None, units: dict[str, str]) -> PredictionRow:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import ase
 import numpy as np
 import pytest
 import torch
@@ -21,6 +22,7 @@ from se3tcli.io import read_molecules
 from se3tcli.predict import predict_stream
 
 ROOT = Path(__file__).resolve().parents[1]
+WATER = [(0.0, 0.0, 0.0), (0.96, 0.0, 0.0), (-0.24, 0.93, 0.0)]  # Å
 
 
 def _embedded(smiles: str) -> Chem.Mol:
@@ -89,3 +91,21 @@ def test_the_readme_example_runs(monkeypatch: pytest.MonkeyPatch, capsys) -> Non
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 4 and printed[0].startswith("ethanol warning -")
     assert "force-field geometry" in printed[0] and " eV " in printed[0]
+
+
+def test_one_molecule_alone_and_paths_that_are_not_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    (methane,) = model.predict(molecule("CH4"))  # Atoms are iterable, but one molecule
+    assert methane.name == "CH4" and methane.ok
+    (empty,) = model.predict(ase.Atoms())
+    assert empty.status == "error" and empty.message.endswith("empty molecule")
+    (crystal,) = model.predict(ase.Atoms("H2O", positions=WATER, cell=[3, 3, 3], pbc=True))
+    assert crystal.status == "warning" and "periodic boundary conditions ignored" in crystal.message
+    missing, folder, as_path = model.predict([str(tmp_path / "mols.sdf"), str(tmp_path), tmp_path / "x.xyz"])
+    assert missing.message.endswith("no such file") and missing.source.endswith("mols.sdf")
+    assert folder.status == "error" and as_path.message.endswith("no such file")
+    frame = model.predict_frame([], targets="homo")
+    assert list(frame.columns) == ["name", "source", "index", "formula", "status", "message", "homo [eV]"]
+    assert model.predict_frame([None], targets="homo")["homo [eV]"].dtype == np.float64  # NaN, not None
+    assert pd.isna(model.predict_frame([None], targets="homo")["homo [eV]"][0])

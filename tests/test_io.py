@@ -264,14 +264,20 @@ def test_xyz_garbage_where_a_count_line_should_be_is_one_error_row(tmp_path):
     assert rows[2].name == "kept"
 
 
-def test_xyz_frame_with_an_extra_atom_line_loses_no_later_frame(tmp_path):
+def test_xyz_frame_with_more_or_fewer_atom_lines_is_one_error_row(tmp_path):
+    """A count that does not match the atom lines makes that frame (not a phantom one) the error, once;
+    the frames after it keep their rows and record numbers."""
     extra = _xyz_frame("O H H", WATER, "extra") + "H 0.0 0.0 1.5\n"  # one atom line more than declared
-    path = tmp_path / "extra.xyz"
-    path.write_text(extra + _xyz_frame("O H H", WATER, "next") + "3\ncut short\nO 0 0 0\n")
+    short = "3\nshort\nO 0 0 0\nH 0.96 0.0\nH -0.24 0.93 0.0\n"  # a broken atom line, then one more
+    path = tmp_path / "miscounted.xyz"
+    path.write_text(extra + short + _xyz_frame("O H H", WATER, "next") + "3\ncut short\nO 0 0 0\n")
     rows = _read(path)
-    assert [(m.name, m.status) for m in rows[:2]] == [("extra", STATUS_OK), ("extra.xyz#2", STATUS_ERROR)]
-    assert "found 'H 0.0 0.0 1.5'; 1 line(s) skipped to the next frame" in rows[1].message
-    assert [(m.name, m.status) for m in rows[2:]] == [("next", STATUS_OK), ("extra.xyz#4", STATUS_ERROR)]
+    assert [m.status for m in rows] == [STATUS_ERROR, STATUS_ERROR, STATUS_OK, STATUS_ERROR]
+    assert rows[0].message.endswith("record 1: frame declares 3 atoms but has 4 atom lines")
+    assert rows[1].message.endswith(
+        "record 2: frame declares 3 atoms but has 1 atom lines; 2 line(s) skipped to the next frame"
+    )
+    assert rows[2].name == "next" and rows[2].index == 2
     assert rows[3].message.endswith("file ends after 1 of 3 atom lines")
 
 
@@ -595,3 +601,21 @@ def test_sdf_line_longer_than_the_limit_is_that_records_error(tmp_path):
         ("c", STATUS_OK),
     ]
     assert rows[1].message.endswith(f"a line longer than {MAX_LINE_CHARS} bytes")
+
+
+def test_sdf_data_values_that_look_like_counts_lines_do_not_split_a_record(tmp_path):
+    """A data item ending in V3000 (or holding a V2000 block) is data, not the start of a new record."""
+    path = tmp_path / "notes.sdf"
+    note = _sdf_record("a").replace("$$$$\n", ">  <note>\nconverted from V3000\n\n$$$$\n")
+    path.write_text(note + _sdf_record("b"))
+    rows = _read(path)
+    assert [(m.name, m.status) for m in rows] == [("a", STATUS_OK), ("b", STATUS_OK)]
+    assert rows[0].properties["note"] == "converted from V3000" and rows[0].properties["homo"] == "-7.0"
+
+
+def test_a_utf8_byte_order_mark_is_ignored(tmp_path):
+    sdf, xyz = tmp_path / "bom.sdf", tmp_path / "bom.xyz"
+    sdf.write_bytes(b"\xef\xbb\xbf" + _sdf_record("a").encode())
+    xyz.write_bytes(b"\xef\xbb\xbf" + _xyz_frame("O H H", WATER, "water").encode())
+    assert [(m.name, m.status) for m in _read(sdf)] == [("a", STATUS_OK)]
+    assert [(m.name, m.status) for m in _read(xyz)] == [("water", STATUS_OK)]

@@ -325,3 +325,15 @@ def test_predictions_that_are_not_finite_make_an_error_row(tmp_path, tiny_checkp
     assert code == 0, output
     assert [r["status"] for r in rows] == ["error", "ok"]
     assert "not finite" in rows[0]["message"] and rows[0]["message"].startswith("far.xyz record 1")
+
+
+def test_an_output_link_is_written_through_to_its_file(tmp_path, tiny_model):
+    source = tmp_path / "in.xyz"
+    source.write_text(_xyz_frames(1))
+    target, link = tmp_path / "target.csv", tmp_path / "link.csv"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert "--overwrite" in _single_error_line(_predict_to([source], link, tiny_model))
+    result = _predict_to([source], link, tiny_model, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and target.read_text().startswith("name,")

@@ -46,7 +46,7 @@ def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> I
 
 def read_stream(stream: IO[bytes], reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
     """:func:`read_file` of a binary stream (standard input), whose rows have the source ``<stdin>``."""
-    handle = stream if reader.binary else io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
+    handle = stream if reader.binary else io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
     yield from _rows_to_the_end(handle, STDIN_SOURCE, reader, embed, seed)
 
 
@@ -66,8 +66,9 @@ def _rows_to_the_end(
 
 
 def open_text(path: str | Path) -> IO[str]:
-    """A text input file; bytes that are not UTF-8 become U+FFFD, so decoding never fails."""
-    return open(path, encoding="utf-8", errors="replace")
+    """A text input file; bytes that are not UTF-8 become U+FFFD, so decoding never fails, and a UTF-8 byte
+    order mark at the start is dropped."""
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def text_lines(handle: IO[str] | IO[bytes]) -> Iterator[str | bytes | None]:

@@ -3,6 +3,7 @@ one list, each becoming the same rows the command line reads from files."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from rdkit import Chem
 
 from se3tcli.io.filereader import read_file
 from se3tcli.io.molecule import Molecule, Record, guarded
+from se3tcli.io.rdkit_tools import RDKitLog
 from se3tcli.io.reading import reader_of
 from se3tcli.io.sdf import molecule_from_rdkit
 from se3tcli.io.smiles import molecule_from_smiles
@@ -26,14 +28,8 @@ def molecules_from_objects(items: Iterable[object], embed: bool = True, seed: in
     supported suffix) gives one row per record, anything else one row; the record number of a row is the
     item's position in ``items`` (or, within a file, the record's)."""
     for index, item in enumerate(items):
-        if isinstance(item, Path) or (isinstance(item, str) and _is_molecule_file(item)):
-            reader = reader_of(item)
-            if reader is None:
-                yield Record(str(item), 0).error("unsupported file format")
-            elif not Path(item).is_file():
-                yield Record(str(item), 0).error("no such file")
-            else:
-                yield from read_file(item, reader, embed, seed)
+        if isinstance(item, os.PathLike) or (isinstance(item, str) and _names_a_file(item)):
+            yield from _file_rows(Path(os.fspath(item)).expanduser(), embed, seed)
         elif isinstance(item, str):
             yield molecule_from_smiles(item, index, seed)
         elif isinstance(item, Chem.Mol):
@@ -48,10 +44,27 @@ def molecules_from_objects(items: Iterable[object], embed: bool = True, seed: in
             )
 
 
-def _is_molecule_file(text: str) -> bool:
-    """A string that names a file se3t reads (a SMILES string may look like a path, not like an
-    existing file with one of the supported suffixes)."""
+def _file_rows(path: Path, embed: bool, seed: int) -> Iterator[Molecule]:
+    reader = reader_of(path)
+    if reader is None:
+        yield Record(str(path), 0).error("unsupported file format")
+    elif path.is_dir():
+        yield Record(str(path), 0).error("is a directory, not a file")
+    elif not path.is_file():
+        yield Record(str(path), 0).error("no such file")
+    else:
+        yield from read_file(path, reader, embed, seed)
+
+
+def _names_a_file(text: str) -> bool:
+    """A string with a supported file suffix that names something on disk, or that cannot be a SMILES
+    (a missing file is then reported as one, not as a SMILES parse error)."""
     try:
-        return reader_of(text) is not None and Path(text).is_file()
+        if reader_of(text) is None:
+            return False
+        if Path(text).expanduser().exists():
+            return True
     except (OSError, ValueError):  # e.g. a NUL character, or a name too long for the file system
         return False
+    with RDKitLog():
+        return Chem.MolFromSmiles(text.split()[0] if text.split() else text) is None

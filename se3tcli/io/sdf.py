@@ -39,6 +39,7 @@ SDF_READER = FileReader(open=_open, rows=_rows, binary=True)
 # The counts line of a molfile (V2000: atom and bond counts in 3-character fields; or V3000).
 _COUNTS_LINE = re.compile(rb"^[ \d]{6}.*V2000\s*$|^.*V3000\s*$")
 _HEADER_LINES = 3  # name, program and comment lines before the counts line
+_BOM = b"\xef\xbb\xbf"
 
 
 def _records(handle: IO[bytes]) -> Iterator[tuple[bytes, str]]:
@@ -47,7 +48,9 @@ def _records(handle: IO[bytes]) -> Iterator[tuple[bytes, str]]:
     record with a line over 1 MiB is a problem (its text is dropped); so one broken record is one row."""
     lines: list[bytes] = []
     after_end, problem = False, ""
-    for line in text_lines(handle):
+    for number, line in enumerate(text_lines(handle)):
+        if number == 0 and line is not None and line.startswith(_BOM):  # a UTF-8 byte order mark
+            line = line[len(_BOM) :]
         if line is None:
             problem = problem or f"a line longer than {MAX_LINE_CHARS} bytes"
             continue
@@ -59,12 +62,24 @@ def _records(handle: IO[bytes]) -> Iterator[tuple[bytes, str]]:
         lines.append(line)
         if stripped.startswith(b"M  END"):
             after_end = True
-        elif after_end and len(lines) > _HEADER_LINES + 1 and _COUNTS_LINE.match(stripped):
+        elif after_end and _starts_a_record(lines):
             start = len(lines) - 1 - _HEADER_LINES  # this molecule's name line
             yield b"".join(lines[:start]), problem
             lines, after_end, problem = lines[start:], False, ""
     if any(line.strip() for line in lines) or problem:
         yield b"".join(lines), problem  # the last record may lack its $$$$
+
+
+def _starts_a_record(lines: list[bytes]) -> bool:
+    """Whether the last line is a counts line whose header begins where a record may begin: right after
+    ``M  END`` or after the blank line that ends a data item (never inside one: a data value may say
+    "V3000"), with no data-item header among the three header lines."""
+    if len(lines) <= _HEADER_LINES + 1 or not _COUNTS_LINE.match(lines[-1].rstrip(b"\r\n")):
+        return False
+    before = lines[-2 - _HEADER_LINES].rstrip(b"\r\n")
+    header = lines[-1 - _HEADER_LINES : -1]
+    after_a_block = not before.strip() or before.startswith(b"M  END")
+    return after_a_block and not any(h.startswith(b">") for h in header)
 
 
 def _row(text: bytes, record: Record, embed: bool, seed: int) -> Molecule:

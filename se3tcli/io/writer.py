@@ -87,8 +87,9 @@ class PredictionWriter:
         units: Mapping[str, str],
         output_format: str | None = None,
     ):
-        self.path = Path(path)
         to_stdout = str(path) == STDOUT
+        # Through a link to its target: the link stays, the file it names gets the predictions.
+        self.path = Path(path) if to_stdout else Path(os.path.realpath(path))
         suffix = f".{output_format or 'csv'}" if to_stdout else self.path.suffix.lower()
         if suffix not in FORMAT_BY_SUFFIX:
             raise InputError(f"unsupported output format: {path} (supported: {', '.join(writer_formats())})")

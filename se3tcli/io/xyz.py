@@ -37,12 +37,20 @@ XYZ_READER = FileReader(open=open_text, rows=_rows)
 def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
     """Split an XYZ file into frames: (comment line, atom lines, problem); problem is "" for a sound frame.
 
-    Blank lines between frames are skipped. When a frame ends early (a line that cannot be an atom line),
-    that frame is a problem and the line is tried as the next frame's atom count. Lines where an atom count
-    should be (an extra atom line, say) make one problem frame, up to the next line that holds only a
-    number, where reading goes on: one broken frame never loses the frames after it.
+    Blank lines between frames are skipped. A frame whose atom lines are fewer or more than its count says
+    is one problem frame, and so are lines where a count should be; in each case reading goes on at the
+    next line that holds only a number (or a line that may be a count, after a frame cut short), so one
+    broken frame is one row and never loses the frames after it.
     """
     lines = text_lines(handle)
+
+    def skip_to_a_frame() -> tuple[object, str]:
+        """Read up to the next line holding only a number: (that line or _EOF, "N line(s) skipped ...")."""
+        skipped = 1
+        while (line := next(lines, _EOF)) is not _EOF and not _is_count_line(line):
+            skipped += 1
+        return line, f"{skipped} line(s) skipped to {'the next frame' if line is not _EOF else 'the end'}"
+
     line = next(lines, _EOF)
     while True:
         while isinstance(line, str) and not line.strip():
@@ -52,15 +60,8 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
         words = line.split() if isinstance(line, str) else []
         if not words or not _COUNT_LINE.fullmatch(words[0]):
             found = _shorten(line) if isinstance(line, str) else "an overlong line"
-            skipped = 1
-            while (line := next(lines, _EOF)) is not _EOF and not _is_count_line(line):
-                skipped += 1
-            following = "the next frame" if line is not _EOF else "the end of the file"
-            yield (
-                "",
-                [],
-                f"expected an atom count line, found {found!r}; {skipped} line(s) skipped to {following}",
-            )
+            line, skipped = skip_to_a_frame()
+            yield "", [], f"expected an atom count line, found {found!r}; {skipped}"
             continue
         n_atoms = int(words[0])
         comment = next(lines, _EOF)
@@ -73,14 +74,29 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
             if line is _EOF:
                 yield "", [], f"file ends after {len(atom_lines)} of {n_atoms} atom lines"
                 return
-            if not isinstance(line, str) or len(line.split()) < 4:
+            if not _is_atom_line(line):
                 break
             atom_lines.append(line if line.endswith("\n") else line + "\n")
         else:
-            yield comment, atom_lines, ""
-            line = next(lines, _EOF)
+            extra = 0
+            while _is_atom_line(line := next(lines, _EOF)):
+                extra += 1
+            if extra:
+                yield "", [], f"frame declares {n_atoms} atoms but has {n_atoms + extra} atom lines"
+            else:
+                yield comment, atom_lines, ""
             continue
-        yield "", [], f"frame declares {n_atoms} atoms but has {len(atom_lines)} atom lines"
+        problem = f"frame declares {n_atoms} atoms but has {len(atom_lines)} atom lines"
+        if isinstance(line, str) and (not line.strip() or _COUNT_LINE.fullmatch(line.split()[0])):
+            yield "", [], problem  # the line may start the next frame: tried as its count
+            continue
+        line, skipped = skip_to_a_frame()
+        yield "", [], f"{problem}; {skipped}"
+
+
+def _is_atom_line(line: object) -> bool:
+    """Symbol and three coordinates at least, and not a count line."""
+    return isinstance(line, str) and len(line.split()) >= 4 and not _is_count_line(line)
 
 
 def _is_count_line(line: str | None) -> bool:
@@ -120,7 +136,11 @@ def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_i
         name = properties.get("name", "").strip() or name
     numbers = np.asarray(atoms.numbers, dtype=np.int64)  # [n_atoms]
     positions = np.asarray(atoms.positions, dtype=np.float64)  # [n_atoms, 3] Å
-    return record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols())
+    # A crystal or a periodic box is predicted as the isolated atoms it lists: say so.
+    warnings = (
+        ["periodic boundary conditions ignored: predicted as an isolated molecule"] if any(atoms.pbc) else []
+    )
+    return record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols(), warnings)
 
 
 def _info_text(value: object) -> str:

@@ -157,3 +157,19 @@ def test_the_graph_shape_holds_every_fixed_size_batch_of_the_run(tmp_path: Path)
     most = trainer._largest_fixed_batch(atoms, edges)
     batches = [chunk for epoch in range(3) for chunk in trainer._epoch_batches(epoch)]
     assert most == (max(int(atoms[c].sum()) for c in batches), max(int(edges[c].sum()) for c in batches))
+
+
+# --------------------------------------------------------------------------------------- one run, one folder
+
+
+@pytest.mark.usefixtures("require_qm9")
+def test_a_run_directory_takes_one_training_at_a_time(tmp_path: Path) -> None:
+    """Two trainings in one --out used to interleave metrics.csv and mix config and checkpoints."""
+    first = Trainer(tiny_train_options(tmp_path / "run"))
+    first.setup()
+    with pytest.raises(FileExistsError, match="in use by another se3t train"):
+        Trainer(tiny_train_options(tmp_path / "run")).setup()  # no last.pt yet: a second new run
+    assert first.run()["status"] == "finished"  # the lock goes with the run
+    again = Trainer(TrainOptions(out=str(tmp_path / "run"), resume=True, device="cpu", epochs=3))
+    again.setup()
+    assert again.run()["status"] == "finished"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -18,6 +19,24 @@ class RunDirectory:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: IO | None = None
+
+    def lock(self) -> None:
+        """Hold ``.lock`` in the folder for this process, or raise ``FileExistsError`` when another
+        training holds it: two runs writing one folder would interleave their metrics and checkpoints."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a")  # noqa: SIM115 - held until unlock()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FileExistsError(f"{self.path} is in use by another se3t train (it holds .lock)") from None
+        self._lock = handle
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     @property
     def last(self) -> Path:
@@ -43,8 +62,8 @@ class RunDirectory:
             raise FileExistsError(f"{self.path} already holds a run; use --resume or another --out")
 
     def start(self, split: dict[str, np.ndarray], seed: int, config: dict[str, Any]) -> None:
-        """Create the folder with the split and the run's configuration (options and model)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Create the folder (locked, see :meth:`lock`) with the split and the run's configuration."""
+        self.lock()
         save_split(self.path / "splits.npz", split, seed)
         (self.path / "config.json").write_text(json.dumps(config, indent=2))
 

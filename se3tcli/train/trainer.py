@@ -67,7 +67,18 @@ class Trainer:
 
     # --- set-up
     def setup(self) -> None:
+        """Load the data and build (or restore) the model, optimizer and schedule; lock the run directory
+        (rank 0, which writes it), as soon as it exists."""
+        try:
+            self._setup()
+        except BaseException:
+            self.run_dir.unlock()
+            raise
+
+    def _setup(self) -> None:
         saved = self.run_dir.read_last() if self.opts.resume else None
+        if saved is not None and self.dist.main:
+            self.run_dir.lock()
         if saved is None:
             self.run_dir.refuse_existing_run()
             self.opts = self.opts.for_new_run()
@@ -307,7 +318,14 @@ class Trainer:
         }
 
     def run(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-        """Train until the epochs, patience or time limit run out; returns a summary."""
+        """Train until the epochs, patience or time limit run out; returns a summary. The run directory
+        stays locked from :meth:`setup` until this returns."""
+        try:
+            return self._run(should_stop)
+        finally:
+            self.run_dir.unlock()
+
+    def _run(self, should_stop: Callable[[], bool]) -> dict[str, Any]:
         opts = self.opts
         started = time.monotonic()
         elapsed_before = self.elapsed

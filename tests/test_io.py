@@ -619,3 +619,21 @@ def test_a_utf8_byte_order_mark_is_ignored(tmp_path):
     xyz.write_bytes(b"\xef\xbb\xbf" + _xyz_frame("O H H", WATER, "water").encode())
     assert [(m.name, m.status) for m in _read(sdf)] == [("a", STATUS_OK)]
     assert [(m.name, m.status) for m in _read(xyz)] == [("water", STATUS_OK)]
+
+
+def test_csv_text_cells_cannot_start_a_spreadsheet_formula(tmp_path):
+    """Names such as '=HYPERLINK(...)' are written with a leading quote in CSV (OWASP), exact in JSON."""
+    names = ["=cmd|' /C calc'!A0", "+1", "-x", "@SUM(A1)", "\tTab", "ok-name"]
+    rows = [
+        Molecule(name, "in.sdf", i, np.array([6]), np.zeros((1, 3)), {}, STATUS_OK)
+        for i, name in enumerate(names)
+    ]
+    out_csv, out_json = tmp_path / "p.csv", tmp_path / "p.json"
+    for path in (out_csv, out_json):
+        with PredictionWriter(path, TARGETS, UNITS) as writer:
+            for molecule in rows:
+                writer.write(molecule, {t: -1.5 for t in TARGETS})
+    written = list(csv.DictReader(out_csv.open()))
+    assert [r["name"] for r in written] == ["'" + n for n in names[:5]] + ["ok-name"]
+    assert all(r[f"{TARGETS[0]} [{UNITS[TARGETS[0]]}]"] == "-1.5" for r in written)  # numbers stay numbers
+    assert [r["name"] for r in json.loads(out_json.read_text())] == names

@@ -26,6 +26,15 @@ def _column(target: str, unit: str) -> str:
     return f"{target} [{unit}]" if unit else target
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as the start of a formula
+
+
+def inert_text(text: str) -> str:
+    """A CSV text cell a spreadsheet shows as text: one starting like a formula gets a leading ``'``
+    (OWASP's advice against CSV injection; JSON and SDF keep the text exact)."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
 class CsvFormat:
     """Columns name, source, index, formula, status, message, then ``<target> [<unit>]`` per target."""
 
@@ -37,7 +46,8 @@ class CsvFormat:
     def write(self, molecule: Molecule, values: dict[str, float | None]) -> None:
         cells = [repr(v) if (v := values.get(t)) is not None else "" for t in self._targets]
         m = molecule
-        self._csv.writerow([m.name, m.source, m.index, m.formula, m.status, m.message, *cells])
+        text = [inert_text(cell) for cell in (m.name, m.source)]
+        self._csv.writerow([*text, m.index, m.formula, m.status, inert_text(m.message), *cells])
 
     def finish(self) -> None:
         """Nothing to add after the last row."""

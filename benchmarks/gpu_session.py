@@ -1,5 +1,5 @@
 """Everything a short GPU session does, in one time-boxed run: CUDA tests, throughput benchmarks and a
-fine-tuning run of the bundled model's configuration.
+segment of the long training run (``campaign/qm9-multitask``, see TRAINING.md).
 
     SE3T_CACHE_DIR=<folder with qm9_v1.npz> python benchmarks/gpu_session.py RESULTS --budget 540
 
@@ -8,11 +8,13 @@ Stages, each under its own time limit (what does not fit in the remaining budget
 1. ``tests/test_cuda_graphs.py`` (graph replays equal the eager model);
 2. ``bench.py`` on the bundled configuration (``small``, lmax 1, 3 layers), batch 512, fast / reference /
    CUDA graphs, with the device ceilings;
-3. ``se3t train`` from the bundled checkpoint (``--init-from``), its epochs sized from stage 2's training
-   rate so that the cosine schedule ends inside the budget, with CUDA graphs if stage 2 showed them working;
+3. ``se3t train --resume`` of a copy of the campaign run, on the GPU, with CUDA graphs if stage 2 showed
+   them working, until the budget less ``--reserve`` is spent (never a fresh run: the schedule, split and
+   optimizer state are the campaign's);
 4. ``bench.py`` on ``base`` (batch 128), then on the bundled configuration with bf16 autocast.
 
-RESULTS receives ``session.log``, one JSON per benchmark and ``run.tar`` (the training run directory).
+RESULTS receives ``session.log``, one JSON per benchmark and ``run.tar`` (the continued run directory:
+unpack it over ``campaign/qm9-multitask`` and commit it).
 Needs torch, e3nn, numpy, typer and rich only: the QM9 cache stands in for qm9pack.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -29,10 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ["--preset", "small", "--lmax", "1", "--layers", "3"]
-N_TRAIN = 100_000  # QM9 training split
-TRAIN_BATCH = 256
-EPOCH_OVERHEAD_S = 4.0  # validation of 17,748 molecules plus the epoch's checkpoint, per epoch
-TRAIN_SETUP_S = 40.0  # data, molecule sizes, capture, and the final test evaluation
+CAMPAIGN = ROOT / "campaign" / "qm9-multitask"
+TRAIN_SETUP_S = 40.0  # data, molecule sizes, capture, and the last checkpoint
 
 
 class Session:
@@ -105,6 +106,33 @@ def train_rate(report: dict | None) -> tuple[float, bool]:
     return max(rates.get("graphs", 0.0), rates.get("fast", 0.0)), graphs
 
 
+def continue_campaign(s: Session, args: argparse.Namespace, use_graphs: bool) -> None:
+    """Resume a copy of the campaign run in RESULTS/run on the GPU and pack it as RESULTS/run.tar."""
+    run_dir = args.results / "run"
+    train_s = s.left() - args.reserve - TRAIN_SETUP_S
+    if not (CAMPAIGN / "last.pt").is_file() or train_s < 60:
+        s.say(f"training: skipped (campaign state present: {CAMPAIGN.exists()}, {train_s:.0f}s available)")
+        return
+    shutil.copytree(CAMPAIGN, run_dir, dirs_exist_ok=True)
+    argv = [sys.executable, "-m", "se3tcli", "train", "--out", str(run_dir), "--resume"]
+    argv += ["--time-limit", f"{train_s / 60:.2f}"]
+    if args.dry_run:
+        argv += ["--device", "cpu"]
+    elif use_graphs:
+        argv += ["--device", "cuda", "--cuda-graphs"]
+    else:
+        argv += ["--device", "cuda"]
+    code = s.run("train", argv, train_s + TRAIN_SETUP_S)
+    if code not in (0, None) and "--cuda-graphs" in argv:
+        s.say("training with CUDA graphs failed; again without them, from the same state")
+        shutil.rmtree(run_dir)
+        shutil.copytree(CAMPAIGN, run_dir)
+        argv.remove("--cuda-graphs")
+        s.run("train eager", argv, s.left() - args.reserve + 30)
+    with tarfile.open(args.results / "run.tar", "w") as tar:
+        tar.add(run_dir, arcname="run")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path)
@@ -144,55 +172,8 @@ def main() -> None:
     )
     bundled = s.bench("bundled", [*BUNDLED, *small_batches, *graphs, "--ceilings"], 120)
 
-    rate, use_graphs = train_rate(bundled)
-    run_dir = args.results / "run"
-    train_s = s.left() - args.reserve - TRAIN_SETUP_S
-    if rate > 0 and train_s > 60:
-        rate *= 0.5  # batch 256 instead of 512, collation in one background thread, and a safety margin
-        epochs = max(1, min(100, int(train_s / (N_TRAIN / rate + EPOCH_OVERHEAD_S))))
-        s.say(f"training: {epochs} epochs at an expected {rate:.0f} mol/s, CUDA graphs: {use_graphs}")
-        argv = [
-            python,
-            "-m",
-            "se3tcli",
-            "train",
-            "--dataset",
-            "qm9",
-            *BUNDLED,
-            "--epochs",
-            str(epochs),
-            "--batch-size",
-            str(TRAIN_BATCH),
-            "--lr",
-            "1.5e-3",
-            "--warmup-epochs",
-            "0.5",
-            "--seed",
-            "0",
-            "--no-amp",
-            "--init-from",
-            "models/qm9-default.pt",
-            "--out",
-            str(run_dir),
-            "--time-limit",
-            f"{(train_s + 20) / 60:.2f}",
-        ]
-        if args.dry_run:
-            argv += ["--limit", "400", "--device", "cpu"]
-        elif use_graphs:
-            argv += ["--cuda-graphs"]
-        code = s.run("train", argv, train_s + TRAIN_SETUP_S)
-        if code not in (0, None) and use_graphs and not (run_dir / "best.pt").exists():
-            s.say("training with CUDA graphs failed; again without them")
-            argv = [a for a in argv if a != "--cuda-graphs"]
-            argv[argv.index("--out") + 1] = str(args.results / "run-eager")
-            run_dir = args.results / "run-eager"
-            s.run("train eager", argv, s.left() - args.reserve + 30)
-        if run_dir.exists():
-            with tarfile.open(args.results / "run.tar", "w") as tar:
-                tar.add(run_dir, arcname="run")
-    else:
-        s.say(f"training: skipped (train rate {rate:.0f} mol/s, {train_s:.0f}s available)")
+    _, use_graphs = train_rate(bundled)
+    continue_campaign(s, args, use_graphs)
 
     if args.no_final_benchmarks:
         s.say("done")

@@ -81,6 +81,7 @@ def build_card(
             "elements": [symbol(z) for z in domain.get("elements", [])],
             "max_atoms": domain.get("max_atoms"),
             "max_heavy_atoms": domain.get("max_heavy_atoms"),
+            "train_molecules_by_heavy_atoms": domain.get("train_molecules_by_heavy_atoms"),
         },
         "test_errors": errors,
         "evaluation": evaluation or {},

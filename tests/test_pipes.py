@@ -14,21 +14,11 @@ from typer.testing import CliRunner
 from se3tcli.cli import app
 
 runner = CliRunner()
+SMILES_PIPE = ["predict", "-", "--format", "smi", "-o", "-"]  # SMILES in on stdin, CSV out on stdout
 
 
 def test_smiles_from_standard_input_to_csv_on_standard_output(tiny_checkpoint: Path) -> None:
-    args = [
-        "predict",
-        "-",
-        "--format",
-        "smi",
-        "-o",
-        "-",
-        "--model",
-        str(tiny_checkpoint),
-        "--targets",
-        "homo",
-    ]
+    args = [*SMILES_PIPE, "--model", str(tiny_checkpoint), "--targets", "homo"]
     result = runner.invoke(app, args, input="CCO ethanol\nnot-a-smiles\n")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -70,19 +60,7 @@ def test_standard_input_needs_a_format_and_is_read_once(tiny_checkpoint: Path) -
 def test_a_real_pipe(tiny_checkpoint: Path) -> None:
     """The installed command between two pipes: predictions alone on standard output."""
     done = subprocess.run(
-        [
-            "se3t",
-            "predict",
-            "-",
-            "--format",
-            "smi",
-            "-o",
-            "-",
-            "--model",
-            str(tiny_checkpoint),
-            "--device",
-            "cpu",
-        ],
+        ["se3t", *SMILES_PIPE, "--model", str(tiny_checkpoint), "--device", "cpu"],
         input="CCO\nCCN\n",
         capture_output=True,
         text=True,

@@ -66,6 +66,15 @@ def finite_predictions(model, batch) -> bool:
         return all(bool(torch.isfinite(v).all()) for v in model(batch).values())
 
 
+def assert_falls_back_to_pytorch(reason: str) -> None:
+    """A model still predicts (finite values, through the PyTorch path), and asking for the kernel
+    explicitly raises with ``reason``."""
+    model = make_model(CONFIG, dtype=torch.float64)
+    assert finite_predictions(model, collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64))
+    with pytest.raises(BackendUnavailable, match=reason):
+        model.set_backend("fused_cpu")
+
+
 @needs_compiler
 def test_the_kernel_builds_where_a_compiler_exists() -> None:
     """Every test below that needs the kernel would otherwise skip silently on a broken build."""
@@ -268,10 +277,7 @@ def test_a_failing_build_falls_back_to_pytorch(monkeypatch, cache_dir: Path, cap
         assert library.kernel_library().cdll is None
     assert not caplog.text and failed.exists()
     assert "did not build before" in resolve().reason
-    model = make_model(CONFIG, dtype=torch.float64)
-    assert finite_predictions(model, collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64))
-    with pytest.raises(BackendUnavailable, match="did not build before"):
-        model.set_backend("fused_cpu")
+    assert_falls_back_to_pytorch("did not build before")
 
 
 @needs_compiler
@@ -447,10 +453,7 @@ def test_an_unparsable_compiler_variable_falls_back(cache_dir: Path, caplog, mon
     """``CC='"x'`` used to abort every command with ``No closing quotation``."""
     monkeypatch.setenv("CC", '"x')
     assert "No closing quotation" in load_warning(caplog)
-    model = make_model(CONFIG, dtype=torch.float64)
-    assert finite_predictions(model, collate(some_molecules(), CONFIG.cutoff, dtype=torch.float64))
-    with pytest.raises(BackendUnavailable, match="cannot be parsed"):
-        model.set_backend("fused_cpu")
+    assert_falls_back_to_pytorch("cannot be parsed")
 
 
 @needs_compiler

@@ -121,7 +121,9 @@ def _short_reason(exc: BaseException) -> str:
         if line and not raw.startswith(_TORCH_BOILERPLATE)
     ]
     reason = useful[0].split(" Please use")[0] if useful else type(exc).__name__
-    if isinstance(exc, (EOFError, OSError, zipfile.BadZipFile)):
+    if "PytorchStreamReader" in str(exc):  # torch's zip reader: a file cut short or not a checkpoint
+        reason = "truncated or corrupt file: not a complete checkpoint archive"
+    elif isinstance(exc, (EOFError, OSError, zipfile.BadZipFile)):
         reason = f"truncated or corrupt file: {reason}"
     return reason[:200]
 
@@ -142,7 +144,31 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("config", "state_dict", "normalization", "atom_refs", "targets") if k not in data]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    problem = _domain_problem(data.get("training", {}))
+    if problem:
+        raise CheckpointError(f"{path}: malformed checkpoint metadata ({problem})")
     return data
+
+
+def _domain_problem(training: object) -> str | None:
+    """What is wrong with a checkpoint's ``training`` record where predict relies on it, or None."""
+    if not isinstance(training, dict):
+        return "'training' is not a mapping"
+    domain = training.get("domain", {})
+    if not isinstance(domain, dict):
+        return "'training.domain' is not a mapping"
+    elements = domain.get("elements", [])
+    if not isinstance(elements, list) or not all(isinstance(z, int) for z in elements):
+        return "'training.domain.elements' is not a list of atomic numbers"
+    for key in ("max_atoms", "max_heavy_atoms"):
+        if not isinstance(domain.get(key, 0), int | None):
+            return f"'training.domain.{key}' is not a whole number"
+    counts = domain.get("train_molecules_by_heavy_atoms", {})
+    if not isinstance(counts, dict) or not all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, int) for k, v in counts.items()
+    ):
+        return "'training.domain.train_molecules_by_heavy_atoms' is not a count per size"
+    return None
 
 
 def model_from_checkpoint(data: dict[str, Any], path: str | Path = "<memory>") -> SE3Transformer:
@@ -177,7 +203,9 @@ def read_card(checkpoint_path: Path) -> dict[str, Any]:
 
 
 def resolve_model(name_or_path: str | None) -> tuple[Path, bool]:
-    """``(path, bundled)`` for a bundled model name or a checkpoint path."""
+    """``(path, bundled)`` for a bundled model name or a checkpoint path (None: the default model)."""
+    if name_or_path is not None and not name_or_path.strip():
+        raise CheckpointError("empty model name: give a bundled model's name or a checkpoint path")
     name = name_or_path or DEFAULT_MODEL
     bundled = bundled_models()
     if name in bundled:

@@ -14,20 +14,30 @@ from typing import IO
 _FILE_MODE = 0o644  # of the finished file, less the process umask, like any newly created file
 
 
+def with_filename(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` naming ``path`` where it names no file (a full disk's ENOSPC comes from a write, which
+    knows no name), so that its message says which file could not be written."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+
+
 class AtomicFile:
     """An open temporary file beside ``path``: :meth:`commit` renames it onto ``path``, :meth:`abort`
     deletes it. For content written bit by bit; :func:`atomic_write` is the one-block form.
 
     ``mode`` is ``"w"`` (UTF-8 text; ``newline`` as for :func:`open`) or ``"wb"``. The temporary file is
-    ``.NAME.<random>.tmp`` in the target's folder, so that the rename stays on one file system. Creating it
-    raises :class:`OSError` (missing or read-only folder, ...).
+    ``.NAME.<random>.tmp`` (NAME cut to 100 bytes) in the target's folder, so that the rename stays
+    on one file system. Creating it raises :class:`OSError` (missing or read-only folder, ...).
     """
 
     def __init__(self, path: str | Path, mode: str = "w", newline: str | None = None):
         if mode not in ("w", "wb"):
             raise ValueError(f"mode must be 'w' or 'wb', not {mode!r}")
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
+        # at most 1 + 100 + 1 + 12 + 4 bytes: a target name near the 255-byte limit still gets one
+        short = os.fsencode(self.path.name)[:100].decode(errors="ignore")  # at most 100 bytes
+        self.tmp = self.path.with_name(f".{short}.{uuid.uuid4().hex[:12]}.tmp")
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
         try:
             text = mode == "w"
@@ -49,6 +59,9 @@ class AtomicFile:
             with contextlib.suppress(FileNotFoundError):  # a replaced file keeps its permissions
                 os.chmod(self.tmp, stat.S_IMODE(os.stat(self.path).st_mode))
             os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise with_filename(exc, self.path) from exc
         except BaseException:
             self.abort()
             raise
@@ -67,6 +80,9 @@ def atomic_write(path: str | Path, mode: str = "w", newline: str | None = None) 
     file = AtomicFile(path, mode, newline)
     try:
         yield file.handle
+    except OSError as exc:
+        file.abort()
+        raise with_filename(exc, path) from exc
     except BaseException:
         file.abort()
         raise

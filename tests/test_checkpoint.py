@@ -104,6 +104,9 @@ def _bad_file(kind: str, folder: Path, good: Path) -> Path:
         data = torch.load(good, weights_only=True)
         data["config"] = data["config"] | {"channels": 2 * data["config"]["channels"]}
         torch.save(data, path)
+    elif kind == "string_domain":  # predict reads the training domain of every checkpoint
+        data = torch.load(good, weights_only=True)
+        torch.save(data | {"training": {"domain": "QM9"}}, path)
     else:
         raise AssertionError(kind)
     return path
@@ -120,7 +123,13 @@ BAD_KINDS = (
     "wrong_version",
     "missing_state_dict",
     "mismatched_weights",
+    "string_domain",
 )
+# What the message must say, where it says more than "not a se3t checkpoint".
+EXPECTED_REASON = {
+    "truncated": "truncated or corrupt file",
+    "string_domain": "'training.domain' is not a mapping",
+}
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
@@ -130,7 +139,17 @@ def test_bad_checkpoint_is_refused_with_one_line(kind: str, tmp_path: Path, tiny
         load_model(str(path))
     message = str(caught.value)
     assert "\n" not in message and str(path) in message and len(message) < 400
+    assert EXPECTED_REASON.get(kind, "") in message
     assert not (tmp_path / "marker").exists(), "unpickling executed code"
+
+
+def test_resuming_from_a_model_without_training_state_says_so(tiny_run: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    shutil.copy(run / "best.pt", run / "last.pt")  # best.pt holds the weights, not the optimizer etc.
+    result = runner.invoke(app, ["train", "--out", str(run), "--resume"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "no training state to resume from" in line and "--init-from" in line
 
 
 @pytest.mark.parametrize("kind", ["foreign_dict", "truncated", "random_bytes", "code_pickle_torch"])
@@ -157,6 +176,9 @@ def test_missing_checkpoint_file(tmp_path: Path) -> None:
         load_model(str(tmp_path / "absent.pt"))
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         read_checkpoint(tmp_path / "absent.pt")
+    for empty in ("", "  "):  # e.g. --model "$UNSET_VARIABLE": never the default model in silence
+        with pytest.raises(CheckpointError, match="empty model name"):
+            load_model(empty)
 
 
 # -------------------------------------------------------------------------------------- bundled models

@@ -1,4 +1,5 @@
-"""Tests of se3tcli.graph: radius graphs against a brute-force reference, chunking, collate and centring."""
+"""Tests of se3tcli.graph: radius graphs against a brute-force reference (both neighbour searches: all pairs
+and the cell list), chunking, collate and centring."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def _one_thread():
     torch.set_num_threads(int(os.environ.get("SE3T_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["all_pairs", "cells"])
+def search(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with each neighbour search: "cells" makes every molecule use the cell list."""
+    if request.param == "cells":
+        monkeypatch.setattr(graph, "_ALL_PAIRS_ATOMS", 0)
+    return request.param
 
 
 def brute_force_edges(pos: np.ndarray, mol_index: np.ndarray, cutoff: float) -> set[tuple[int, int]]:
@@ -57,7 +66,7 @@ def check_graph(batch: graph.Batch, cutoff: float) -> None:
 
 @pytest.mark.parametrize("cutoff", [1.7, 3.0, 5.0])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_radius_graph_matches_brute_force(seed: int, cutoff: float) -> None:
+def test_radius_graph_matches_brute_force(seed: int, cutoff: float, search: str) -> None:
     rng = np.random.default_rng(seed)
     sizes = [1, 2, 5, 17, 1, 29, 9, 3]
     molecules = [random_molecule(rng, n) for n in rng.permutation(sizes)]
@@ -78,7 +87,7 @@ def test_radius_graph_matches_brute_force(seed: int, cutoff: float) -> None:
         start += len(z)
 
 
-def test_radius_graph_float32_and_direct_call() -> None:
+def test_radius_graph_float32_and_direct_call(search: str) -> None:
     rng = np.random.default_rng(5)
     molecules = [random_molecule(rng, n) for n in (12, 4, 20)]
     batch = collate(molecules, dtype=torch.float32)
@@ -88,7 +97,7 @@ def test_radius_graph_float32_and_direct_call() -> None:
     assert edge_set(src, dst) == brute_force_edges(batch.pos.double().numpy(), batch.mol_index.numpy(), 2.5)
 
 
-def test_one_atom_molecules_have_no_edges() -> None:
+def test_one_atom_molecules_have_no_edges(search: str) -> None:
     rng = np.random.default_rng(2)
     single = [(np.array([8]), rng.uniform(-50, 50, (1, 3))) for _ in range(3)]
     batch = collate(single, dtype=torch.float64)
@@ -113,7 +122,7 @@ def test_empty_batch() -> None:
     assert src.numel() == dst.numel() == 0
 
 
-def test_molecule_without_atoms_in_a_batch() -> None:
+def test_molecule_without_atoms_in_a_batch(search: str) -> None:
     rng = np.random.default_rng(3)
     empty = (np.zeros(0, dtype=np.int64), np.zeros((0, 3)))
     batch = collate([empty, random_molecule(rng, 4), empty], dtype=torch.float64)
@@ -122,7 +131,7 @@ def test_molecule_without_atoms_in_a_batch() -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 50, 333])
-def test_chunked_radius_graph_is_identical(monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+def test_chunked_radius_graph_is_identical(monkeypatch: pytest.MonkeyPatch, chunk: int, search: str) -> None:
     rng = np.random.default_rng(4)
     molecules = [random_molecule(rng, n) for n in (30, 1, 8, 25, 2)]
     whole = collate(molecules, dtype=torch.float64)
@@ -132,6 +141,49 @@ def test_chunked_radius_graph_is_identical(monkeypatch: pytest.MonkeyPatch, chun
     assert torch.equal(chunked.edge_src, whole.edge_src)
     assert torch.equal(chunked.edge_dst, whole.edge_dst)
     check_graph(chunked, graph.DEFAULT_CUTOFF)
+
+
+def _box(rng: np.random.Generator, n_atoms: int, density: float) -> np.ndarray:
+    """``n_atoms`` uniform in a cube at ``density`` atoms/Å³ (liquid water: 0.1), [n, 3] Å."""
+    side = (n_atoms / density) ** (1 / 3)
+    return rng.uniform(0, side, (n_atoms, 3))
+
+
+def test_large_molecules_use_cells_and_match_brute_force() -> None:
+    """Past _ALL_PAIRS_ATOMS the cell list runs by default; it finds what all pairs find, in the same order,
+    for dense and sparse boxes, flat and linear molecules, stacked atoms and cells at negative coordinates."""
+    rng = np.random.default_rng(8)
+    n = graph._ALL_PAIRS_ATOMS + 100  # about 1,000 atoms in all: the brute-force reference stays small
+    line = np.zeros((n, 3))
+    line[:, 0] = np.arange(n) * 1.2 - 200  # a chain: 8 neighbours within 5 Å
+    flat = _box(rng, n, 0.02) * [1, 1, 0]
+    stacked = np.repeat(rng.uniform(-3, 3, (n // 10, 3)), 10, axis=0)  # 10 atoms on every site
+    shapes = [_box(rng, n, 0.1), _box(rng, n, 0.005) - 40, line, flat, stacked]
+    molecules = [(np.full(len(p), 6), p) for p in shapes]
+    batch = collate(molecules, dtype=torch.float64)
+    check_graph(batch, graph.DEFAULT_CUTOFF)
+    # the same graphs as the all-pairs search gives
+    pairs = radius_graph(batch.pos, batch.mol_index, batch.n_mol, graph.DEFAULT_CUTOFF)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graph, "_ALL_PAIRS_ATOMS", n)
+        reference = radius_graph(batch.pos, batch.mol_index, batch.n_mol, graph.DEFAULT_CUTOFF)
+    assert all(torch.equal(a, b) for a, b in zip(pairs, reference, strict=True))
+
+
+def test_cells_of_a_molecule_spread_over_a_vast_volume(search: str) -> None:
+    """Clusters 1e12 Å apart (too many cutoff-wide cells to number: the cells widen) and atoms at infinity or
+    NaN (never neighbours, as in the brute force) still give the brute-force graph."""
+    rng = np.random.default_rng(9)
+    clusters = [_box(rng, 40, 0.05) + offset for offset in (-1e12, 0.0, 3e12)]
+    pos = torch.from_numpy(np.concatenate(clusters))
+    pos[5] = torch.tensor([np.inf, 0.0, 0.0])
+    pos[6] = torch.tensor([np.nan, 1.0, 1.0])
+    pos[7] = torch.tensor([-np.inf, np.inf, 0.0])
+    mol_index = torch.zeros(len(pos), dtype=torch.long)
+    src, dst = radius_graph(pos, mol_index, 1)
+    with np.errstate(invalid="ignore"):
+        assert edge_set(src, dst) == brute_force_edges(pos.numpy(), mol_index.numpy(), graph.DEFAULT_CUTOFF)
+    assert src.numel() > 0 and not bool(torch.isin(torch.tensor([5, 6, 7]), src).any())
 
 
 def test_collate_centres_in_float64_before_the_cast() -> None:

@@ -31,6 +31,7 @@ from se3tcli.io import (
 from se3tcli.io.conformers import FORCE_FIELD_GEOMETRY
 from se3tcli.io.filereader import MAX_LINE_CHARS
 from se3tcli.io.molecule import close_pair
+from se3tcli.io.outputs import smiles_of
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_molecules"
 QM9_NAMES = [f"gdb_{i}" for i in (1, 2, 3, 5, 20, 829, 1000, 4208, 20000, 100000)]
@@ -201,12 +202,17 @@ def test_broken_gzip_gives_error_rows(tmp_path):
     not_gzip.write_bytes((SAMPLES / "qm9_sample.sdf").read_bytes())
     (row,) = _read(not_gzip)
     assert row.status == STATUS_ERROR and row.message.startswith("plain.sdf.gz record 1: cannot read")
+    assert "not gzip-compressed" in row.message
     truncated = tmp_path / "truncated.sdf.gz"
     data = gzip.compress((SAMPLES / "qm9_sample.sdf").read_bytes() * 20)
     truncated.write_bytes(data[: len(data) // 2])
     rows = _read(truncated)
     assert rows[0].name == "gdb_1" and rows[0].ok
     assert rows[-1].status == STATUS_ERROR and "cannot read the rest of the file" in rows[-1].message
+    assert "cut short" in rows[-1].message
+    corrupt = tmp_path / "corrupt.sdf.gz"
+    corrupt.write_bytes(data[:-8] + bytes(8))  # the trailer's checksum and length no longer match
+    assert "the compressed data is corrupt" in _read(corrupt)[-1].message
 
 
 # ----------------------------------------------------------------------------------------------- XYZ
@@ -471,20 +477,65 @@ def _write(path: Path) -> tuple[list[Molecule], list[dict[str, float] | None]]:
     return rows, predictions
 
 
+BASE_COLUMNS = ["name", "source", "record", "formula", "smiles", "status", "message"]
+
+
+def _float32_text(value: float) -> str:
+    """The shortest decimal that reads back as the float32 nearest to ``value``."""
+    return str(np.float32(value))
+
+
 def test_csv_round_trip(tmp_path):
     path = tmp_path / "out.csv"
     rows, predictions = _write(path)
     with path.open(newline="") as handle:
         table = list(csv.DictReader(handle))
-    columns = ["name", "source", "index", "formula", "status", "message", "homo [eV]", "gap [eV]"]
-    assert list(table[0]) == columns
+    assert list(table[0]) == [*BASE_COLUMNS, "homo_eV", "gap_eV"]
     assert [r["name"] for r in table] == [m.name for m in rows]
     assert [r["formula"] for r in table] == [m.formula for m in rows]
-    assert [r["index"] for r in table] == [str(m.index) for m in rows]
+    assert [r["record"] for r in table] == ["1", "2", "3", "4", "5", "1"]  # 1-based, as in the messages
+    assert table[5]["message"].startswith("<smiles> record 1")
     for record, prediction in zip(table[:5], predictions[:5], strict=True):
-        assert float(record["homo [eV]"]) == prediction["homo"]  # written at full precision
-    assert table[1]["gap [eV]"] == ""  # NaN
-    assert table[5]["status"] == "error" and table[5]["homo [eV]"] == "" and "C1CC" in table[5]["message"]
+        assert record["homo_eV"] == _float32_text(prediction["homo"])  # float32 precision, no noise
+        assert np.float32(float(record["homo_eV"])) == np.float32(prediction["homo"])
+    assert table[1]["gap_eV"] == ""  # NaN
+    assert table[5]["status"] == "error" and table[5]["homo_eV"] == "" and "C1CC" in table[5]["message"]
+
+
+def test_the_smiles_column(tmp_path):
+    """SD records: from their bonds; XYZ frames: perceived from the atoms; the SMILES error row: empty."""
+    path = tmp_path / "out.csv"
+    rows, _ = _write(path)
+    table = list(csv.DictReader(path.open(newline="")))
+    by_name = {m.name: m for m in _read(SAMPLES / "qm9_sample.sdf")}
+    for record in table[:5]:  # the same QM9 molecules, read from SDF or from XYZ
+        assert record["smiles"] == Chem.CanonSmiles(by_name[record["name"]].properties["smiles"])
+    assert [r["smiles"] for r in table[:5]] == ["C", "N", "O", "C#N", "NC(N)=O"]
+    assert table[5]["smiles"] == ""
+
+
+def test_smiles_input_keeps_its_smiles_and_odd_atoms_give_none():
+    given = next(read_molecules(smiles=["OCC ethanol"]))
+    assert given.smiles == "OCC" and smiles_of(given) == "OCC"  # as given, not canonicalised
+    apart = np.arange(501 * 3, dtype=float).reshape(501, 3) * 2.0
+    odd = [
+        Molecule("large", "in.xyz", 0, np.ones(501, dtype=np.int64), apart, {}, STATUS_OK),  # over the cap
+        Molecule("no radii", "in.xyz", 1, np.array([118, 118]), np.eye(2, 3) * 3, {}, STATUS_OK),
+        Molecule("odd electrons", "in.xyz", 2, np.array([6, 1, 1, 1]), np.eye(4, 3), {}, STATUS_OK),
+        Molecule("error", "in.xyz", 3, np.array([6]), np.full((1, 3), np.nan), {}, STATUS_ERROR),
+    ]
+    assert [smiles_of(m) for m in odd] == ["", "", "", ""]
+
+
+def test_values_are_written_at_float32_precision(tmp_path):
+    values = [float(np.float32(-6.123)), 1 / 3, 1.0e-7, -11778.5323, 1.0e20, 1.0e39, 2.0]
+    path = tmp_path / "out.csv"
+    quantities = tuple(f"v{i}" for i in range(len(values)))
+    with PredictionWriter(path, quantities, {}) as writer:
+        writer.write(_read(SAMPLES / "qm9_sample.sdf")[0], dict(zip(quantities, values, strict=True)))
+    (row,) = csv.DictReader(path.open(newline=""))
+    cells = [row[q] for q in quantities]
+    assert cells == ["-6.123", "0.33333334", "1e-07", "-11778.532", "1e+20", "", "2.0"]  # 1e39: not a float32
 
 
 def test_json_round_trip(tmp_path):
@@ -492,10 +543,13 @@ def test_json_round_trip(tmp_path):
     rows, predictions = _write(path)
     records = json.loads(path.read_text())
     assert [r["name"] for r in records] == [m.name for m in rows]
-    assert set(records[0]) == {"name", "source", "index", "formula", "status", "message", "predictions"}
-    assert records[0]["predictions"]["homo"] == {"value": predictions[0]["homo"], "unit": "eV"}
-    assert records[1]["predictions"]["gap"] == {"value": None, "unit": "eV"}  # NaN -> null
-    assert records[5]["predictions"] == {} and records[5]["status"] == "error"
+    assert list(records[0]) == [*BASE_COLUMNS, "homo_eV", "gap_eV"]  # flat, named like the CSV columns
+    assert [r["record"] for r in records] == [1, 2, 3, 4, 5, 1]
+    assert records[0]["homo_eV"] == float(_float32_text(predictions[0]["homo"]))
+    assert json.dumps(records[0]["homo_eV"]) == _float32_text(predictions[0]["homo"])
+    assert records[1]["gap_eV"] is None  # NaN -> null
+    assert records[5]["homo_eV"] is None and records[5]["gap_eV"] is None and records[5]["status"] == "error"
+    assert records[0]["smiles"] == "C" and records[5]["smiles"] == ""
     empty = tmp_path / "empty.json"
     PredictionWriter(empty, TARGETS, UNITS).close()
     assert json.loads(empty.read_text()) == []
@@ -509,12 +563,13 @@ def test_sdf_round_trip(tmp_path):
     assert all(mol is not None for mol in back)  # XYZ molecules got bonds: they sanitize
     for mol, row, prediction in zip(back, rows, predictions, strict=False):
         assert mol.GetProp("_Name") == row.name
-        assert float(mol.GetProp("homo [eV]")) == prediction["homo"]
+        assert mol.GetProp("homo_eV") == _float32_text(prediction["homo"])
         assert mol.GetProp("se3t_status") == "ok"
         assert [a.GetAtomicNum() for a in mol.GetAtoms()] == row.numbers.tolist()
         np.testing.assert_allclose(mol.GetConformer().GetPositions(), row.positions, atol=1e-4)
-    assert back[0].GetProp("homo_eV") == rows[0].properties["homo_eV"]  # original tags kept
-    assert not back[1].HasProp("gap [eV]")  # NaN
+    assert back[0].GetProp("lumo_eV") == rows[0].properties["lumo_eV"]  # original tags kept
+    assert back[0].GetProp("homo_eV_input") == rows[0].properties["homo_eV"]  # renamed: same name as a value
+    assert not back[1].HasProp("gap_eV") and back[1].GetProp("gap_eV_input")  # NaN: no value, input kept
     assert Chem.MolToSmiles(Chem.RemoveHs(back[3])) == "C#N"
 
 
@@ -528,7 +583,7 @@ def test_sdf_output_of_bad_records(tmp_path):
     assert [m.GetProp("_Name") for m in back] == [r.name for r in rows]
     assert [m.GetProp("se3t_status") for m in back] == ["error", "error", "warning", "ok"]
     assert back[0].GetNumBonds() == 0  # error rows keep their atoms, without bonds or predictions
-    assert not back[0].HasProp("homo [eV]") and back[3].GetProp("homo [eV]") == "-6.5"
+    assert not back[0].HasProp("homo_eV") and back[3].GetProp("homo_eV") == "-6.5"
     assert back[2].GetProp("se3t_message") == rows[2].message
 
 
@@ -550,7 +605,7 @@ def test_writer_is_atomic(tmp_path):
 
     with PredictionWriter(path, TARGETS, UNITS) as writer:
         writer.write(rows[0], predictions[0])
-    assert path.read_text().startswith("name,source,index")
+    assert path.read_text().startswith("name,source,record,formula,smiles,status,message,homo_eV,gap_eV\n")
     with pytest.raises(ValueError):
         writer.write(rows[0], predictions[0])
     assert list(tmp_path.iterdir()) == [path]
@@ -635,5 +690,5 @@ def test_csv_text_cells_cannot_start_a_spreadsheet_formula(tmp_path):
                 writer.write(molecule, {t: -1.5 for t in TARGETS})
     written = list(csv.DictReader(out_csv.open()))
     assert [r["name"] for r in written] == ["'" + n for n in names[:5]] + ["ok-name"]
-    assert all(r[f"{TARGETS[0]} [{UNITS[TARGETS[0]]}]"] == "-1.5" for r in written)  # numbers stay numbers
+    assert all(r["homo_eV"] == "-1.5" for r in written)  # numbers stay numbers
     assert [r["name"] for r in json.loads(out_json.read_text())] == names

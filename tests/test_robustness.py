@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
+import inspect
 import json
+import math
 import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,13 +22,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from se3tcli import cli
 from se3tcli.checkpoint import CheckpointError, checkpoint_dict, load_model, save_checkpoint
 from se3tcli.cli import app
 from se3tcli.files import atomic_write
 from se3tcli.io import read_molecules
-from se3tcli.model.config import ModelConfig
+from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
+from se3tcli.io.filereader import read_file
+from se3tcli.io.smiles import SMILES_READER
+from se3tcli.model.config import PRESETS, ModelConfig
 from se3tcli.model.transformer import SE3Transformer
-from se3tcli.predict import predict_stream
+from se3tcli.predict import MAX_ATOMS_PER_MOLECULE, predict_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_molecules"
@@ -107,7 +115,7 @@ def test_odd_molecules_get_a_prediction_or_a_clean_error_row(tmp_path, tiny_mode
     by_name = {(Path(r["source"]).name, r["name"]): r for r in rows}
     status = {key: r["status"] for key, r in by_name.items()}
     assert status[("big.xyz", "chain of 500 carbons")] == "warning"  # larger than the training domain
-    assert by_name[("big.xyz", "chain of 500 carbons")]["predictions"]
+    assert by_name[("big.xyz", "chain of 500 carbons")]["homo_eV"] is not None
     assert status[("far.xyz", "methane_0")] == "ok"
     assert status[("dup.xyz", "duplicated atom")] == "error"
     assert "Fe" in by_name[("metal.xyz", "iron water")]["message"]
@@ -191,6 +199,45 @@ def test_atomic_write_replaces_a_file_only_when_complete(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644 & ~umask
+
+
+@pytest.mark.parametrize("name", ["p" * 246 + ".csv", "日" * 80 + ".csv"])  # 250 and 244 bytes
+def test_atomic_write_to_a_long_name(tmp_path, name):
+    target = tmp_path / name  # valid (255 bytes at most), though its temp name was not
+    with atomic_write(target) as handle:
+        handle.write("ok")
+    assert target.read_text() == "ok" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch, tiny_model):
+    """ENOSPC comes from a write or fsync, which knows no file name; the error names the target."""
+    full = OSError(errno.ENOSPC, "No space left on device")
+    target = tmp_path / "card.json"
+    with pytest.raises(OSError, match="card.json") as raised, atomic_write(target) as handle:
+        handle.write("x")
+        raise full
+    assert raised.value.errno == errno.ENOSPC and not target.exists()
+
+    def no_space(fd: int) -> None:
+        raise full
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    source = tmp_path / "water.xyz"
+    source.write_text(_xyz_frames(2))
+    args = [
+        "predict",
+        str(source),
+        "--model",
+        str(tiny_model),
+        "--device",
+        "cpu",
+        "-o",
+        str(tmp_path / "o.csv"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output and "o.csv" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["water.xyz"]
 
 
 @pytest.mark.slow
@@ -337,3 +384,177 @@ def test_an_output_link_is_written_through_to_its_file(tmp_path, tiny_model):
     result = _predict_to([source], link, tiny_model, "--overwrite")
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and target.read_text().startswith("name,")
+
+
+# ------------------------------------------------------------------------- limits: size, memory, inputs
+
+
+def _lattice_frame(name: str, n_atoms: int, spacing: float = 1.5) -> str:
+    """An XYZ frame of ``n_atoms`` carbons on a cubic lattice ``spacing`` Å apart (a dense cluster)."""
+    side = math.ceil(n_atoms ** (1 / 3))
+    atoms = [(i % side, i // side % side, i // side**2) for i in range(n_atoms)]
+    lines = [f"C {x * spacing:.2f} {y * spacing:.2f} {z * spacing:.2f}" for x, y, z in atoms]
+    return f"{n_atoms}\n{name}\n" + "\n".join(lines) + "\n"
+
+
+def test_a_molecule_over_the_atom_limit_is_its_own_error_row(tmp_path, tiny_model):
+    source = tmp_path / "in.xyz"
+    source.write_text(_xyz_frames(1) + _lattice_frame("cluster", 30) + _xyz_frames(1))
+    code, rows, output = _predict_json(["--max-atoms-per-molecule", "29", str(source)], tiny_model)
+    assert code == 0, output
+    assert [r["status"] for r in rows] == ["ok", "error", "ok"]
+    assert rows[1]["message"] == (
+        "in.xyz record 2 (cluster): 30 atoms, more than the limit of 29 (--max-atoms-per-molecule)"
+    )
+    code, rows, output = _predict_json(
+        ["--max-atoms-per-molecule", "30", "--overwrite", str(source)], tiny_model
+    )
+    assert [r["status"] for r in rows] == ["ok", "warning", "ok"] and rows[1]["homo_eV"] is not None
+    assert runner.invoke(app, ["predict", "--max-atoms-per-molecule", "0", "--smiles", "C"]).exit_code == 2
+    # the command line's defaults are the library's (spelled out: the CLI imports neither torch nor RDKit)
+    defaults = {name: p.default for name, p in inspect.signature(cli.predict).parameters.items()}
+    assert defaults["max_atoms_per_molecule"] == MAX_ATOMS_PER_MOLECULE
+    assert defaults["conformer_timeout"] == DEFAULT_TIMEOUT_S
+
+
+CPU_OUT_OF_MEMORY = (
+    "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+    "allocate 21474836480 bytes. Error code 12 (Cannot allocate memory)"
+)
+
+
+def _forward_failing_over(monkeypatch, max_atoms: int, error: Exception) -> list[int]:
+    """The model raises ``error`` for any batch holding a molecule of more than ``max_atoms`` atoms; returns
+    the list that records the molecules of each batch it was given."""
+    forward, batches = SE3Transformer.forward, []
+
+    def failing(self, batch):
+        batches.append(batch.n_mol)
+        if int(batch.n_atoms_per_mol.max()) > max_atoms:
+            raise error
+        return forward(self, batch)
+
+    monkeypatch.setattr(SE3Transformer, "forward", failing)
+    return batches
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(CPU_OUT_OF_MEMORY)], ids=["python", "torch"])
+def test_out_of_memory_in_a_batch_costs_only_the_molecule_that_does_not_fit(
+    tmp_path, tiny_model, monkeypatch, error
+):
+    """Issue 16: waters and one dense frame under `ulimit -v` ended in "can't allocate memory", with no
+    output file. The batch is now retried one molecule at a time; the one that fails alone is an error row,
+    the others are predicted as in a normal run, and the output is written."""
+    source = tmp_path / "in.xyz"
+    source.write_text(_xyz_frames(30) + _lattice_frame("dense", 125) + _xyz_frames(30))
+    loaded, cpu = load_model(str(tiny_model)), torch.device("cpu")
+    expected = [values for _, values in predict_stream(loaded, read_molecules([source]), cpu)]
+    batches, messages = _forward_failing_over(monkeypatch, 100, error), []
+    rows = list(predict_stream(loaded, read_molecules([source]), cpu, on_oom=messages.append))
+    assert messages == ["out of memory (cpu) on 61 molecules; retrying them one by one"]
+    assert batches == [61] + [1] * 61  # the whole batch once, then each molecule alone
+    errors = [(m.index, m.message) for m, values in rows if values is None]
+    assert errors == [(30, "in.xyz record 31 (dense): out of memory: 125 atoms")]
+    for (molecule, values), before in zip(rows, expected, strict=True):
+        if molecule.index != 30:
+            assert values == pytest.approx(before, rel=1e-5)
+    # on the command line: the run goes on, says so, and writes every row
+    code, written, output = _predict_json([str(source)], tiny_model)
+    assert code == 0 and "Traceback" not in output and "retrying them one by one" in output, output
+    assert [i for i, row in enumerate(written) if row["status"] == "error"] == [30] and len(written) == 61
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_out_of_memory_halves_the_batch_until_it_fits(tmp_path, tiny_model, monkeypatch):
+    source = tmp_path / "in.xyz"
+    source.write_text(_xyz_frames(10))
+    loaded, messages = load_model(str(tiny_model)), []
+    forward, batches = SE3Transformer.forward, []
+
+    def small_batches_only(self, batch):
+        batches.append(batch.n_mol)
+        if batch.n_mol > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, batch)
+
+    monkeypatch.setattr(SE3Transformer, "forward", small_batches_only)
+    gpu = torch.device("cuda")
+    rows = list(predict_stream(loaded, read_molecules([source]), gpu, on_oom=messages.append))
+    assert [m.status for m, values in rows] == ["ok"] * 10 and all(values for _, values in rows)
+    assert batches == [10, 5, 2, 3, 5, 2, 3]
+    assert messages[0] == "out of memory (cuda) on 10 molecules; retrying as two batches of <= 5"
+
+
+def test_errors_other_than_memory_are_not_taken_for_it(tmp_path, tiny_model, monkeypatch):
+    source = tmp_path / "in.xyz"
+    source.write_text(_xyz_frames(3))
+    _forward_failing_over(monkeypatch, 0, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    result = _predict_to([source], tmp_path / "out.csv", tiny_model)
+    assert result.exit_code == 1 and "shapes cannot be multiplied" in result.stderr
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, bound",
+    [
+        ({"n_layers": 100_000}, "n_layers <= 64"),
+        ({"channels": 4096}, "channels <= 1024"),
+        ({"n_heads": 128, "channels": 128}, "n_heads <= 64"),
+        ({"lmax": 7}, "lmax <= 6"),
+        ({"jmax": 13}, "jmax <= 12"),
+        ({"n_radial": 5000}, "n_radial <= 4096"),
+        ({"radial_hidden": 10**9}, "radial_hidden <= 4096"),
+        ({"readout_hidden": 4097}, "readout_hidden <= 4096"),
+        ({"cutoff": 25.0}, "cutoff <= 20 Å"),
+        ({"cutoff": math.inf}, "cutoff <= 20 Å"),
+    ],
+)
+def test_model_config_sizes_are_bounded(changes, bound):
+    with pytest.raises(ValueError, match=f"invalid model config: {bound} required"):
+        ModelConfig(**changes)
+
+
+def test_the_presets_and_the_bounds_themselves_are_valid():
+    for config in PRESETS.values():
+        assert config.n_layers <= 64 and config.channels <= 1024 and config.lmax <= 6
+    ModelConfig(channels=1024, n_heads=64, n_layers=64, lmax=6, jmax=12, cutoff=20.0, n_radial=4096)
+
+
+def test_a_checkpoint_with_an_absurd_config_fails_at_once_in_load(tmp_path, tiny_model):
+    """Issue 16: `n_layers=100000` in a checkpoint's config took 77 s and 7.4 GB before a MemoryError."""
+    state = torch.load(tiny_model, weights_only=True)
+    state["config"]["n_layers"] = 100_000
+    hostile = tmp_path / "hostile.pt"
+    save_checkpoint(state, hostile)
+    with pytest.raises(CheckpointError, match="n_layers <= 64"):
+        load_model(str(hostile))
+    line = _single_error_line(runner.invoke(app, ["predict", "--model", str(hostile), "--smiles", "C"]))
+    assert "hostile.pt" in line and "n_layers <= 64" in line
+
+
+def _within(seconds: float, call):
+    """``call()`` in a thread: the test fails, instead of hanging, if it blocks."""
+    results = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s: blocked on an input?"
+    return results[0]
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_inputs_that_are_not_regular_files_are_refused_without_blocking(tmp_path, tiny_model):
+    """Issue 16: a FIFO named .smi blocked forever, /dev/zero as .smi read forever."""
+    fifo, zero, folder = tmp_path / "fifo.smi", tmp_path / "zero.smi", tmp_path / "folder.sdf"
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    folder.mkdir()
+    for path, reason in ((fifo, "not a regular file"), (zero, "not a regular file"), (folder, "directory")):
+        result = _within(60, lambda path=path: _predict_to([path], tmp_path / "out.csv", tiny_model))
+        line = _single_error_line(result)
+        assert reason in line and str(path) in line
+    kinds = "(a pipe, device or socket)"
+    for path in (fifo, zero):  # the file reader refuses them too (an error row, never an open)
+        [row] = _within(60, lambda path=path: list(read_file(path, SMILES_READER, True, 0)))
+        assert row.status == "error" and row.source == str(path)
+        assert row.message == f"{path.name} record 1: cannot open file: not a regular file " + kinds

@@ -3,7 +3,11 @@ and ends it the same way for every format, and text lines of bounded length."""
 
 from __future__ import annotations
 
+import gzip
 import io
+import os
+import stat
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +40,13 @@ def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> I
     (at the record where it happened; the rest of the file is lost), or when it has no records at all."""
     source = str(path)
     try:
-        handle = reader.open(path)
+        # not even opened unless regular: opening a FIFO blocks, and a device like /dev/zero never ends
+        handle = reader.open(path) if stat.S_ISREG(os.stat(path).st_mode) else None
     except OSError as exc:
         yield Record(source, 0).error(f"cannot open file: {reason(exc)}")
+        return
+    if handle is None:
+        yield Record(source, 0).error("cannot open file: not a regular file (a pipe, device or socket)")
         return
     with handle:
         yield from _rows_to_the_end(handle, source, reader, embed, seed)
@@ -59,10 +67,23 @@ def _rows_to_the_end(
             yield row
             count += 1
     except Exception as exc:  # I/O or decompression errors of the underlying stream
-        yield Record(source, count).error(f"cannot read the rest of the file: {reason(exc)}")
+        yield Record(source, count).error(f"cannot read the rest of the file: {_stream_problem(exc)}")
         return
     if count == 0:
         yield Record(source, 0).error("no molecules found")
+
+
+def _stream_problem(exc: Exception) -> str:
+    """Why a stream could not be read, in words (the gzip module's own messages say little)."""
+    if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):  # the magic bytes
+        return "not gzip-compressed, although its name ends in .gz"
+    if isinstance(exc, gzip.BadGzipFile):  # a CRC or length check of the decompressed data failed
+        return f"the compressed data is corrupt ({reason(exc)})"
+    if isinstance(exc, EOFError):
+        return "the compressed data ends early (the file is cut short)"
+    if isinstance(exc, zlib.error):
+        return f"the compressed data is corrupt ({reason(exc)})"
+    return reason(exc)
 
 
 def open_text(path: str | Path) -> IO[str]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from se3tcli.errors import InputError
+from se3tcli.io.conformer_pool import Row, embed_pending
+from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
 from se3tcli.io.filereader import FileReader, read_file, read_stream
 from se3tcli.io.molecule import Molecule
 from se3tcli.io.sdf import SDF_READER
@@ -38,8 +41,9 @@ STDIN_FORMATS = ("sdf", "xyz", "smi")  # what standard input may hold (--format)
 
 
 def check_inputs(paths: Iterable[str | Path], stdin_format: str | None = None) -> None:
-    """Raise :class:`InputError` for a missing or unreadable file, a directory or an unsupported suffix,
-    and for standard input (``-``) without a format or given twice."""
+    """Raise :class:`InputError` for a missing or unreadable file, a directory or anything else that is not
+    a regular file (a pipe or device could block or never end), an unsupported suffix, and for standard
+    input (``-``) without a format or given twice."""
     paths = list(paths)
     if paths.count(STDIN) > 1:
         raise InputError("standard input (-) can be read only once")
@@ -53,6 +57,8 @@ def check_inputs(paths: Iterable[str | Path], stdin_format: str | None = None) -
             raise InputError(f"input file not found: {path}")
         if p.is_dir():
             raise InputError(f"input is a directory, not a file: {path}")
+        if not stat.S_ISREG(p.stat().st_mode):  # opening a FIFO blocks; /dev/zero never ends
+            raise InputError(f"input is not a regular file (a pipe, device or socket): {path}")
         if reader_of(p) is None:
             raise InputError(f"unsupported input format: {path} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
         if not os.access(p, os.R_OK):
@@ -65,6 +71,8 @@ def read_molecules(
     embed: bool = True,
     seed: int = 42,
     stdin_format: str | None = None,
+    workers: int = 1,
+    conformer_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Iterator[Molecule]:
     """Read molecules lazily from files (in the order given), then from SMILES strings.
 
@@ -81,6 +89,11 @@ def read_molecules(
         Random seed of the ETKDGv3 conformer generator.
     stdin_format
         ``sdf``, ``xyz`` or ``smi``: what the input ``-`` (standard input) holds.
+    workers
+        Processes that generate the conformers of SMILES (1: this process; see
+        :func:`~se3tcli.io.conformer_pool.embed_pending`).
+    conformer_timeout
+        Seconds per SMILES conformer (0: no limit); a slower one becomes an error row.
 
     Returns
     -------
@@ -94,12 +107,13 @@ def read_molecules(
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     smiles = [smiles] if isinstance(smiles, str) else list(smiles)
     check_inputs(paths, stdin_format)
-    return _iter_molecules(paths, smiles, embed, seed, stdin_format)
+    rows = _iter_rows(paths, smiles, embed, seed, stdin_format)
+    return embed_pending(rows, workers, conformer_timeout)
 
 
-def _iter_molecules(
+def _iter_rows(
     paths: list[str | Path], smiles: list[str], embed: bool, seed: int, stdin_format: str | None
-) -> Iterator[Molecule]:
+) -> Iterator[Row]:
     for path in paths:
         if path == STDIN:
             yield from read_stream(sys.stdin.buffer, reader_of(f"-.{stdin_format}"), embed, seed)

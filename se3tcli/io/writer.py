@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from se3tcli.errors import InputError
-from se3tcli.files import AtomicFile
+from se3tcli.files import AtomicFile, with_filename
 from se3tcli.io.molecule import Molecule
-from se3tcli.io.outputs import FORMAT_BY_SUFFIX
+from se3tcli.io.outputs import FORMAT_BY_SUFFIX, file_value
 
 
 def writer_formats() -> tuple[str, ...]:
@@ -51,11 +50,6 @@ def check_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool
         raise InputError(f"{path} exists: give --overwrite to replace it, or another --output")
 
 
-def _finite(value: object) -> float | None:
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 class PredictionWriter:
     """Incremental, atomic writer of predictions as CSV, JSON or SDF (chosen by the output suffix).
 
@@ -68,9 +62,9 @@ class PredictionWriter:
         Output file; its suffix must be one of :func:`writer_formats`. ``-``: standard output, written as
         the rows come (no temporary file), in ``output_format``.
     targets
-        Predicted properties, in column order.
+        Predicted quantities, in column order: the targets, then any dipole components.
     units
-        Unit of each target (a missing unit leaves the column name bare).
+        Unit of each quantity (a missing unit leaves the column name bare).
     output_format
         ``csv`` (the default), ``json`` or ``sdf``, for standard output.
 
@@ -110,13 +104,16 @@ class PredictionWriter:
             raise
 
     def write(self, molecule: Molecule, predictions: Mapping[str, float] | None) -> None:
-        """Append one row; predictions of error rows, missing targets and NaN values are left empty."""
+        """Append one row; predictions of error rows, missing quantities and NaN values are left empty."""
         if self._closed:
             raise ValueError(f"writer for {self.path} is closed")
         values = {}
         if molecule.ok and predictions is not None:
-            values = {t: _finite(predictions[t]) for t in self.targets if t in predictions}
-        self._format.write(molecule, values)
+            values = {t: file_value(predictions[t]) for t in self.targets if t in predictions}
+        try:
+            self._format.write(molecule, values)
+        except OSError as exc:  # e.g. a full disk
+            raise with_filename(exc, self.path) from exc
 
     def close(self) -> None:
         """Finish the file and move it into place (atomically replacing an existing one)."""

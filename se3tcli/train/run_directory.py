@@ -10,12 +10,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from se3tcli.checkpoint import read_checkpoint, save_checkpoint
+from se3tcli.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from se3tcli.data.splits import save_split
+from se3tcli.targets import TARGETS, column_name
 
 
 class RunDirectory:
-    """``config.json``, ``splits.npz``, ``metrics.csv``, ``best.pt``, ``last.pt``, ``test_metrics.json``."""
+    """``config.json``, ``splits.npz``, ``metrics.csv``, ``best.pt``, ``last.pt``, ``test_metrics.json``,
+    ``test_predictions.csv``."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -52,10 +54,33 @@ class RunDirectory:
     def metrics(self) -> Path:
         return self.path / "metrics.csv"
 
+    @property
+    def test_predictions(self) -> Path:
+        """Each test molecule's true and predicted values, written with the test metrics."""
+        return self.path / "test_predictions.csv"
+
+    def metric_columns(self, targets: tuple[str, ...]) -> dict[str, str]:
+        """The column of each target's validation MAE in ``metrics.csv``: ``val_<target>_mae_<unit>``
+        (``val_homo_mae_eV``), or ``val_mae_<target>`` where an older se3t began the file, which a resumed
+        run goes on appending to under its own header."""
+        header: list[str] = []
+        if self.metrics.exists():
+            with open(self.metrics, newline="") as handle:
+                header = next(csv.reader(handle), [])
+        if targets and all(f"val_mae_{t}" in header for t in targets):
+            return {t: f"val_mae_{t}" for t in targets}
+        return {t: column_name(f"val_{t}_mae", TARGETS[t].unit) for t in targets}
+
     def read_last(self) -> dict[str, Any]:
         if not self.last.is_file():
             raise FileNotFoundError(f"{self.last}: nothing to resume (no last.pt in {self.path})")
-        return read_checkpoint(self.last)
+        saved = read_checkpoint(self.last)
+        if not isinstance(saved.get("resume"), dict):  # e.g. best.pt or an exported model copied over it
+            raise CheckpointError(
+                f"{self.last}: holds a model but no training state to resume from (a best.pt or an "
+                "exported model?); start a new run with --init-from it instead"
+            )
+        return saved
 
     def refuse_existing_run(self) -> None:
         if self.last.exists():

@@ -10,12 +10,14 @@ from pathlib import Path
 import ase
 from rdkit import Chem
 
+from se3tcli.io.conformer_pool import Row, embed_pending
+from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
 from se3tcli.io.filereader import read_file
 from se3tcli.io.molecule import Molecule, Record, guarded
 from se3tcli.io.rdkit_tools import RDKitLog
 from se3tcli.io.reading import reader_of
 from se3tcli.io.sdf import molecule_from_rdkit
-from se3tcli.io.smiles import molecule_from_smiles
+from se3tcli.io.smiles import row_from_smiles
 from se3tcli.io.xyz import molecule_from_atoms
 
 RDKIT_SOURCE = "<rdkit>"  # Molecule.source of RDKit molecules handed over in Python
@@ -23,15 +25,26 @@ ASE_SOURCE = "<ase>"  # ... and of ASE Atoms
 PYTHON_SOURCE = "<python>"  # ... and of objects of any other type (error rows)
 
 
-def molecules_from_objects(items: Iterable[object], embed: bool = True, seed: int = 42) -> Iterator[Molecule]:
+def molecules_from_objects(
+    items: Iterable[object],
+    embed: bool = True,
+    seed: int = 42,
+    workers: int = 1,
+    conformer_timeout: float = DEFAULT_TIMEOUT_S,
+) -> Iterator[Molecule]:
     """Rows for each item in order: a file (a ``Path``, or a string naming an existing file with a
     supported suffix) gives one row per record, anything else one row; the record number of a row is the
-    item's position in ``items`` (or, within a file, the record's)."""
+    item's position in ``items`` (or, within a file, the record's). SMILES conformers are generated in
+    ``workers`` processes with ``conformer_timeout`` seconds each (see :func:`embed_pending`)."""
+    return embed_pending(_rows(items, embed, seed), workers, conformer_timeout)
+
+
+def _rows(items: Iterable[object], embed: bool, seed: int) -> Iterator[Row]:
     for index, item in enumerate(items):
         if isinstance(item, os.PathLike) or (isinstance(item, str) and _names_a_file(item)):
             yield from _file_rows(Path(os.fspath(item)).expanduser(), embed, seed)
         elif isinstance(item, str):
-            yield molecule_from_smiles(item, index, seed)
+            yield row_from_smiles(item, index, seed)
         elif isinstance(item, Chem.Mol):
             yield guarded(molecule_from_rdkit, Record(RDKIT_SOURCE, index), Chem.Mol(item), embed, seed)
         elif isinstance(item, ase.Atoms):
@@ -44,7 +57,7 @@ def molecules_from_objects(items: Iterable[object], embed: bool = True, seed: in
             )
 
 
-def _file_rows(path: Path, embed: bool, seed: int) -> Iterator[Molecule]:
+def _file_rows(path: Path, embed: bool, seed: int) -> Iterator[Row]:
     reader = reader_of(path)
     if reader is None:
         yield Record(str(path), 0).error("unsupported file format")

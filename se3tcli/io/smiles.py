@@ -2,17 +2,21 @@
 
 In files, blank lines and ``#`` comments are skipped, and so is a header line whose first word is
 ``smiles`` or ``smi`` (any case). SMILES get hydrogens and an ETKDGv3 + MMFF94 conformer (UFF when MMFF94
-has no parameters).
+has no parameters): the row of a valid SMILES is a :class:`PendingConformer`, which
+:func:`se3tcli.io.conformer_pool.embed_pending` finishes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
+from functools import partial
 from typing import IO
 
 from rdkit import Chem
 
-from se3tcli.io.conformers import generate_conformer
+from se3tcli.io.conformer_pool import Row
+from se3tcli.io.conformers import PendingConformer, to_binary
 from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, open_text, text_lines
 from se3tcli.io.molecule import SMILES_SOURCE, Molecule, Record, element_problem, guarded
 from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
@@ -20,7 +24,7 @@ from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
 _HEADER_WORDS = {"smiles", "smi"}
 
 
-def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Molecule]:
+def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]:
     """Rows of a SMILES file; SMILES are always embedded, whatever ``embed`` says."""
     index = 0
     for line in text_lines(handle):
@@ -42,13 +46,13 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Mole
 SMILES_READER = FileReader(open=open_text, rows=_rows)
 
 
-def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Molecule]:
+def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Row]:
     """One row per string "SMILES [name ...]", with source ``SMILES_SOURCE``."""
     for index, line in enumerate(lines):
-        yield molecule_from_smiles(line, index, seed)
+        yield row_from_smiles(line, index, seed)
 
 
-def molecule_from_smiles(line: str, index: int, seed: int) -> Molecule:
+def row_from_smiles(line: str, index: int, seed: int) -> Row:
     """The row of one string "SMILES [name ...]": record ``index`` of ``SMILES_SOURCE``."""
     smiles, name = _split_line(line)
     return guarded(_from_smiles, Record(SMILES_SOURCE, index), smiles, name, seed)
@@ -60,20 +64,23 @@ def _split_line(line: str) -> tuple[str, str]:
     return (parts[0], parts[1].strip()) if len(parts) == 2 else ("".join(parts), "")
 
 
-def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Molecule:
+def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Row:
     name = name.strip() or smiles
     with RDKitLog() as log:
         mol = Chem.MolFromSmiles(smiles)
         if mol is None:
             return record.error(f"cannot parse SMILES {smiles!r}: {log.reason('invalid SMILES')}", name)
-        numbers, symbols = atoms_of(mol)
-        problem = element_problem(numbers, symbols)
-        if problem:
-            return record.error(problem, name, numbers)
-        mol, warnings, why = generate_conformer(mol, seed)
-    if mol is None:
-        return record.error(why, name, numbers)
+    numbers, symbols = atoms_of(mol)
+    problem = element_problem(numbers, symbols)
+    if problem:
+        return record.error(problem, name, numbers)
+    finish = partial(_embedded_row, record, smiles, name)
+    return PendingConformer(record, name, numbers, to_binary(mol), seed, finish)
+
+
+def _embedded_row(record: Record, smiles: str, name: str, mol: Chem.Mol, warnings: list[str]) -> Molecule:
     mol.SetProp("_Name", name)
     properties = {"smiles": smiles}
     numbers, symbols = atoms_of(mol)
-    return record.molecule(name, numbers, positions_of(mol), properties, symbols, warnings, mol)
+    molecule = record.molecule(name, numbers, positions_of(mol), properties, symbols, warnings, mol)
+    return replace(molecule, smiles=smiles)

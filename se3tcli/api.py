@@ -8,7 +8,9 @@
     frame = model.predict_frame(["CCO"])  # a pandas DataFrame (pandas must be installed)
 
 The rows are the command line's: one per record, in input order, with the same statuses (``ok``,
-``warning``, ``error``), messages and units, and ``None`` for values that cannot be given.
+``warning``, ``error``), messages, units and values (float32 precision, ``None`` where a value cannot be
+given), and the dipole vector's components ``mu_x``, ``mu_y``, ``mu_z`` beside ``mu`` for models with a
+dipole head.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from rdkit import Chem
 from se3tcli.checkpoint import LoadedModel
 from se3tcli.checkpoint import load_model as load_checkpoint
 from se3tcli.io import STATUS_ERROR, Molecule
+from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
 from se3tcli.io.objects import molecules_from_objects
-from se3tcli.predict import predict_stream
-from se3tcli.targets import parse_targets
+from se3tcli.io.outputs import BASE_COLUMNS, base_fields, file_value
+from se3tcli.predict import output_units, predict_stream
+from se3tcli.targets import column_name, parse_targets
 from se3tcli.train.device import select_device
 
 
@@ -38,8 +42,9 @@ class PredictionRow:
 
     name: str
     source: str  # the file, or <smiles>, <rdkit>, <ase> for objects handed over in Python
-    index: int  # 0-based position of the record in its file, or of the object in the list
+    record: int  # 1-based position of the record in its file, or of the object in the list
     formula: str
+    smiles: str  # as given for SMILES input, else perceived from the structure; "" where RDKit cannot
     status: str  # ok, warning or error
     message: str  # why a row is a warning or an error, naming file and record
     values: dict[str, float | None] = field(default_factory=dict)
@@ -51,9 +56,10 @@ class PredictionRow:
         return self.status != STATUS_ERROR
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat: the record's fields, then one ``<target>`` entry per value (units in ``units``)."""
-        base = {k: getattr(self, k) for k in ("name", "source", "index", "formula", "status", "message")}
-        return base | self.values
+        """Flat, as a record of ``se3t predict -o FILE.json``: the record's fields, then one entry per
+        value named with its unit (``homo_eV``, :func:`~se3tcli.targets.column_name`)."""
+        base = {k: getattr(self, k) for k in BASE_COLUMNS}
+        return base | {column_name(q, self.units[q]): v for q, v in self.values.items()}
 
 
 class Predictor:
@@ -82,31 +88,36 @@ class Predictor:
         targets: Sequence[str] | str | None = None,
         batch_size: int = 64,
         embed: bool = True,
+        workers: int = 1,
+        conformer_timeout: float = DEFAULT_TIMEOUT_S,
     ) -> list[PredictionRow]:
         """Predict every molecule in ``inputs``: RDKit ``Mol``s, ASE ``Atoms``, SMILES strings ("SMILES
         [name]"), file paths (one row per record), or one of these alone. ``targets``: a subset of the
         model's (names or a comma-separated string; default all). ``embed=False`` turns 2D records and
-        records without hydrogens into errors instead of generating conformers."""
+        records without hydrogens into errors instead of generating conformers. ``workers``: processes that
+        generate SMILES conformers (1: this one; more need the ``if __name__ == "__main__":`` guard in a
+        script), ``conformer_timeout`` seconds each (0: no limit), a slower one becoming an error row."""
         if _single(inputs):
             inputs = [inputs]
         chosen = parse_targets(_target_spec(targets), self.targets)
-        molecules = molecules_from_objects(inputs, embed=embed)
+        molecules = molecules_from_objects(
+            inputs, embed, workers=workers, conformer_timeout=conformer_timeout
+        )
         rows = predict_stream(self.loaded, molecules, self.device, chosen, batch_size)
-        units = {t: self.units[t] for t in chosen}
+        units = output_units(self.loaded, chosen)
         return [_row(molecule, values, units) for molecule, values in rows]
 
     def predict_frame(self, inputs: object | Iterable[object], **options: Any):
-        """:meth:`predict` as a pandas ``DataFrame``: one row per record, value columns named like the CSV
-        output's (``homo [eV]``)."""
+        """:meth:`predict` as a pandas ``DataFrame``: one row per record, with the columns of the CSV
+        output (``record``, ``smiles``, ``homo_eV``, ...)."""
         try:
             import pandas as pd
         except ImportError:
             raise ImportError("predict_frame needs pandas: pip install pandas") from None
         rows = self.predict(inputs, **options)
-        targets = parse_targets(_target_spec(options.get("targets")), self.targets)
-        values = [f"{t} [{self.units[t]}]" for t in targets]
-        columns = ["name", "source", "index", "formula", "status", "message", *values]
-        frame = pd.DataFrame.from_records([_flat_with_units(row) for row in rows], columns=columns)
+        units = output_units(self.loaded, parse_targets(_target_spec(options.get("targets")), self.targets))
+        values = [column_name(q, unit) for q, unit in units.items()]
+        frame = pd.DataFrame.from_records([row.to_dict() for row in rows], columns=[*BASE_COLUMNS, *values])
         return frame.astype({column: float for column in values})  # NaN where a row has no value
 
 
@@ -122,21 +133,9 @@ def _target_spec(targets: Sequence[str] | str | None) -> str | None:
 
 
 def _row(molecule: Molecule, values: dict[str, float] | None, units: dict[str, str]) -> PredictionRow:
-    return PredictionRow(
-        molecule.name,
-        molecule.source,
-        molecule.index,
-        molecule.formula,
-        molecule.status,
-        molecule.message,
-        {t: None if values is None else values[t] for t in units},
-        units,
-    )
-
-
-def _flat_with_units(row: PredictionRow) -> dict[str, Any]:
-    base = {k: v for k, v in row.to_dict().items() if k not in row.values}
-    return base | {f"{t} [{row.units[t]}]": v for t, v in row.values.items()}
+    """The row of a molecule with its values as the output files hold them."""
+    in_files = {q: None if values is None else file_value(values[q]) for q in units}
+    return PredictionRow(**base_fields(molecule), values=in_files, units=units)
 
 
 def load_model(name_or_path: str | None = None, device: str = "auto") -> Predictor:

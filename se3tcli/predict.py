@@ -2,9 +2,10 @@
 
 Reading runs in a background thread (bounded queue) while the model works on the previous batch, so
 parsing, conformer generation, inference and writing overlap and memory stays flat. Records that cannot
-be predicted (read errors, elements the model never saw) pass through with their reason; records outside
-the training domain (larger, charged, radicals) get a warning. Batches are bounded in molecules and in
-atoms; a GPU out-of-memory error halves the batch, says so, and retries.
+be predicted (read errors, elements the model never saw, more atoms than the limit) pass through with their
+reason; records outside the training domain (larger, charged, radicals) get a warning. Batches are bounded
+in molecules and in atoms; when memory runs out the batch is retried in parts (see :func:`run_model`), and
+a molecule that does not fit alone becomes an error row while the others go on.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ from se3tcli.checkpoint import LoadedModel
 from se3tcli.elements import symbol
 from se3tcli.graph import collate
 from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule, PredictionWriter
+from se3tcli.io.structure_checks import structure_warnings
+from se3tcli.model.heads import MU_VECTOR
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.prefetch import prefetch
+from se3tcli.targets import DIPOLE_COMPONENTS, DIPOLE_UNIT
 
 MAX_ATOMS_PER_BATCH = 4096
+# Larger molecules are error rows (--max-atoms-per-molecule). 10,000 atoms is 300 times the largest training
+# molecule (QM9: 29 atoms) and holds a small protein; a 10,000-atom box of liquid water peaks at 2.9 GB in
+# the bundled model (BENCHMARKS.md), which a workstation has, where 100,000 atoms would take tens of GB.
+MAX_ATOMS_PER_MOLECULE = 10_000
+# How torch's allocators say memory ran out where they raise a plain RuntimeError (the CPU allocator:
+# "DefaultCPUAllocator: can't allocate memory" or "not enough memory"; CUDA and MPS: "out of memory").
+_OUT_OF_MEMORY_MESSAGES = ("can't allocate memory", "not enough memory", "out of memory")
 PREFETCH_RECORDS = 256  # records read ahead of the model
 # A heavy-atom count shared by less than this fraction of the training molecules gets a warning: in QM9
 # (100 of 100,000) that is 1-5 heavy atoms (CH4, H2O, HCN...), where errors are many times the test error.
@@ -35,7 +46,7 @@ Prediction = dict[str, float]
 
 
 def _with_status(molecule: Molecule, status: str, reason: str) -> Molecule:
-    where = f"{Path(molecule.source).name} record {molecule.index + 1} ({molecule.name})"
+    where = f"{Path(molecule.source).name} record {molecule.record} ({molecule.name})"
     if status == STATUS_WARNING and molecule.message:
         return replace(molecule, status=status, message=f"{molecule.message}; {reason}")
     return replace(molecule, status=status, message=f"{where}: {reason}")
@@ -72,7 +83,8 @@ def _domain_warnings(molecule: Molecule, domain: dict) -> list[str]:
 
 
 def check_domain(molecule: Molecule, loaded: LoadedModel) -> Molecule:
-    """Error for elements the model does not know; warnings for molecules outside its training domain."""
+    """Error for elements the model does not know; warnings for molecules outside its training domain and
+    for structures whose chemistry looks wrong (:func:`~se3tcli.io.structure_checks.structure_warnings`)."""
     if not molecule.ok:
         return molecule
     elements = set(loaded.model.config.elements)
@@ -83,10 +95,27 @@ def check_domain(molecule: Molecule, loaded: LoadedModel) -> Molecule:
         return _with_status(
             molecule, STATUS_ERROR, f"element {names} not supported by this model (knows {known})"
         )
-    reasons = _domain_warnings(molecule, loaded.training_domain)
+    domain = _domain_warnings(molecule, loaded.training_domain)
+    reasons = ["; ".join(domain) + ": extrapolation"] if domain else []
+    reasons += structure_warnings(molecule)
     if reasons:
-        return _with_status(molecule, STATUS_WARNING, "; ".join(reasons) + ": extrapolation")
+        return _with_status(molecule, STATUS_WARNING, "; ".join(reasons))
     return molecule
+
+
+def check_size(molecule: Molecule, max_atoms: int | None) -> Molecule:
+    """An error row for a molecule of more than ``max_atoms`` atoms (``None``: no limit)."""
+    n_atoms = len(molecule.numbers) if molecule.ok else 0
+    if max_atoms is None or n_atoms <= max_atoms:
+        return molecule
+    reason = f"{n_atoms} atoms, more than the limit of {max_atoms} (--max-atoms-per-molecule)"
+    return _with_status(molecule, STATUS_ERROR, reason)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_MESSAGES)
 
 
 def _finite_or_error(molecule: Molecule, values: Prediction | None) -> tuple[Molecule, Prediction | None]:
@@ -97,31 +126,51 @@ def _finite_or_error(molecule: Molecule, values: Prediction | None) -> tuple[Mol
     return _with_status(molecule, STATUS_ERROR, f"the prediction of {', '.join(bad)} is not finite"), None
 
 
+def _per_molecule(out: dict[str, torch.Tensor], targets: tuple[str, ...], n_mol: int) -> list[Prediction]:
+    """The model's outputs (``{target: [n_mol]}``, ``mu_vector [n_mol, 3]`` D) as one dict per molecule:
+    the targets, then the dipole vector's components where ``mu`` is a target and the model has a dipole
+    head (see :func:`output_units`)."""
+    columns = {t: out[t] for t in targets}
+    if "mu" in targets and MU_VECTOR in out:
+        columns |= dict(zip(DIPOLE_COMPONENTS, out[MU_VECTOR].unbind(1), strict=True))
+    values = {name: column.double().cpu().numpy() for name, column in columns.items()}  # {name: [n_mol]}
+    return [{name: float(column[i]) for name, column in values.items()} for i in range(n_mol)]
+
+
 def run_model(
     model: SE3Transformer,
     molecules: list[Molecule],
     device: torch.device,
     targets: tuple[str, ...],
     on_oom: Callable[[str], None] | None = None,
-) -> list[Prediction]:
-    """Predictions for a list of molecules; on GPU out-of-memory the list is split in halves and retried."""
+) -> list[Prediction | str]:
+    """Predictions for a list of molecules, in order. When memory runs out the list is retried in parts:
+    halves on a GPU (whose memory holds a batch of some size or not), one molecule at a time on the CPU
+    (whose memory runs out near the machine's limit, mostly for one large molecule). A molecule that does
+    not fit alone gets the reason (``out of memory: N atoms``) instead of its predictions."""
     try:
         batch = collate([(m.numbers, m.positions) for m in molecules], model.config.cutoff)
         with torch.inference_mode():
             out = model(batch.to(device))
-        values = {t: out[t].double().cpu().numpy() for t in targets}
-        return [{t: float(values[t][i]) for t in targets} for i in range(len(molecules))]
-    except torch.cuda.OutOfMemoryError:
-        if len(molecules) == 1:
+        return _per_molecule(out, targets, len(molecules))
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
             raise
+    # past the except block, the failed batch's tensors (held by the traceback) are free again
+    if device.type == "cuda":
         torch.cuda.empty_cache()
+    if len(molecules) == 1:
+        return [f"out of memory: {len(molecules[0].numbers)} atoms"]
+    if device.type == "cuda":
         half = len(molecules) // 2
-        if on_oom:
-            on_oom(
-                f"GPU out of memory on {len(molecules)} molecules; retrying as two batches of <= {half + 1}"
-            )
-        first = run_model(model, molecules[:half], device, targets, on_oom)
-        return first + run_model(model, molecules[half:], device, targets, on_oom)
+        parts = [molecules[:half], molecules[half:]]
+        retry = f"retrying as two batches of <= {len(parts[1])}"
+    else:
+        parts = [[m] for m in molecules]
+        retry = "retrying them one by one"
+    if on_oom:
+        on_oom(f"out of memory ({device.type}) on {len(molecules)} molecules; {retry}")
+    return [result for part in parts for result in run_model(model, part, device, targets, on_oom)]
 
 
 def predict_stream(
@@ -131,8 +180,10 @@ def predict_stream(
     targets: tuple[str, ...] | None = None,
     batch_size: int = 64,
     on_oom: Callable[[str], None] | None = None,
+    max_atoms_per_molecule: int | None = MAX_ATOMS_PER_MOLECULE,
 ) -> Iterator[tuple[Molecule, Prediction | None]]:
-    """Yield every input molecule with its predictions (``None`` for error rows), in input order."""
+    """Yield every input molecule with its predictions (``None`` for error rows), in input order.
+    Molecules of more than ``max_atoms_per_molecule`` atoms (``None``: no limit) are error rows."""
     targets = targets or loaded.targets
     model = loaded.model.to(device).eval()
     pending: list[Molecule] = []  # molecules waiting for their batch, errors included, in order
@@ -142,10 +193,13 @@ def predict_stream(
         ready = [m for m in pending if m.ok]
         results = iter(run_model(model, ready, device, targets, on_oom) if ready else [])
         for m in pending:
-            yield _finite_or_error(m, next(results) if m.ok else None)
+            values = next(results) if m.ok else None
+            if isinstance(values, str):  # did not fit in memory, even alone
+                m, values = _with_status(m, STATUS_ERROR, values), None
+            yield _finite_or_error(m, values)
 
     for molecule in prefetch(molecules, PREFETCH_RECORDS):
-        molecule = check_domain(molecule, loaded)
+        molecule = check_domain(check_size(molecule, max_atoms_per_molecule), loaded)
         pending.append(molecule)
         if molecule.ok:
             n_ready += 1
@@ -154,6 +208,16 @@ def predict_stream(
             yield from flush()
             pending, n_ready, n_atoms = [], 0, 0
     yield from flush()
+
+
+def output_units(loaded: LoadedModel, targets: tuple[str, ...]) -> dict[str, str]:
+    """The quantities the predictions of ``targets`` carry, in order, with their units: the targets, then
+    the dipole vector's components (D, in the input's axes) where ``mu`` is one of them and the model has a
+    dipole head."""
+    units = {t: loaded.units[t] for t in targets}
+    if "mu" in targets and loaded.model.readout.use_dipole:
+        units |= dict.fromkeys(DIPOLE_COMPONENTS, DIPOLE_UNIT)
+    return units
 
 
 def predict_to_file(
@@ -166,15 +230,18 @@ def predict_to_file(
     batch_size: int = 64,
     on_oom: Callable[[str], None] | None = None,
     output_format: str | None = None,
+    max_atoms_per_molecule: int | None = MAX_ATOMS_PER_MOLECULE,
 ) -> tuple[int, int]:
     """:func:`predict_stream` with every row also written to ``output`` (if given; ``-`` is standard
     output in ``output_format``) and passed to
     ``on_row``; the file appears complete when all rows are in, and not at all if anything fails or the
     run is interrupted. Returns ``(rows, rows predicted)``."""
     n_rows = n_predicted = 0
-    writer = PredictionWriter(output, targets, loaded.units, output_format) if output else None
+    units = output_units(loaded, targets)
+    writer = PredictionWriter(output, tuple(units), units, output_format) if output else None
     with writer or contextlib.nullcontext():
-        for molecule, values in predict_stream(loaded, molecules, device, targets, batch_size, on_oom):
+        rows = predict_stream(loaded, molecules, device, targets, batch_size, on_oom, max_atoms_per_molecule)
+        for molecule, values in rows:
             if writer is not None:
                 writer.write(molecule, values)
             n_rows += 1

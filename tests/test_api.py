@@ -19,7 +19,10 @@ import se3tcli as se3t
 from se3tcli.calculator import SE3TCalculator
 from se3tcli.checkpoint import load_model as load_checkpoint
 from se3tcli.io import read_molecules
-from se3tcli.predict import predict_stream
+from se3tcli.io.outputs import file_value
+from se3tcli.predict import predict_stream, predict_to_file
+
+DIPOLE = ("mu_x", "mu_y", "mu_z")
 
 ROOT = Path(__file__).resolve().parents[1]
 WATER = [(0.0, 0.0, 0.0), (0.96, 0.0, 0.0), (-0.24, 0.93, 0.0)]  # Å
@@ -39,31 +42,70 @@ def test_every_kind_of_input_gives_the_command_lines_rows(tiny_checkpoint: Path,
     n_sdf = len(list(read_molecules([sdf])))
     assert len(rows) == 3 + n_sdf + 2
     assert [r.source for r in rows[:3]] == ["<smiles>", "<rdkit>", "<ase>"]
-    assert [r.index for r in rows[:3]] == [0, 1, 2] and rows[0].name == "ethanol" and rows[2].name == "H2O"
+    assert [r.record for r in rows[:3]] == [1, 2, 3] and rows[0].name == "ethanol" and rows[2].name == "H2O"
+    assert [r.smiles for r in rows[:3]] == ["CCO", "CO", "O"]  # as given; from the RDKit bonds; perceived
     assert rows[0].status == "warning" and "force-field geometry" in rows[0].message
     assert rows[1].formula == "CH4O" and rows[1].ok and rows[2].ok
     assert rows[-2].status == "error" and "cannot predict a int" in rows[-2].message
     assert rows[-1].status == "error" and all(v is None for v in rows[-1].values.values())
-    assert rows[0].units == model.units and set(rows[0].values) == set(model.targets)
+    assert rows[0].units == model.units | dict.fromkeys(DIPOLE, "D")  # the tiny model has a dipole head
+    assert list(rows[0].values) == [*model.targets, *DIPOLE]
 
     # The file's rows are exactly what se3t predict computes for it.
     loaded = load_checkpoint(str(tiny_checkpoint))
     expected = list(predict_stream(loaded, read_molecules([sdf]), torch.device("cpu")))
     for row, (m, values) in zip(rows[3 : 3 + n_sdf], expected, strict=True):
-        assert (row.name, row.index, row.status, row.message) == (m.name, m.index, m.status, m.message)
-        assert row.values == pytest.approx(values)
+        assert (row.name, row.record, row.status, row.message) == (m.name, m.record, m.status, m.message)
+        assert row.values == pytest.approx(values, rel=1e-5, abs=1e-6)  # other batches: float32 rounding
+        assert all(v == file_value(v) for v in row.values.values())  # as the files hold them
 
 
 def test_targets_a_single_input_and_the_data_frame(tiny_checkpoint: Path) -> None:
     pd = pytest.importorskip("pandas")
     model = se3t.load_model(str(tiny_checkpoint), device="cpu")
     (row,) = model.predict("CCO", targets=["homo"])
-    assert list(row.values) == ["homo"] and row.to_dict()["homo"] == row.values["homo"]
-    frame = model.predict_frame(["CCO", "CC"], targets="homo,gap")
+    assert list(row.values) == ["homo"] and row.to_dict()["homo_eV"] == row.values["homo"]
+    frame = model.predict_frame(["CCO", "CC"], targets="homo,mu")
     assert isinstance(frame, pd.DataFrame) and len(frame) == 2
-    assert list(frame.columns)[-2:] == ["homo [eV]", "gap [eV]"]
+    assert list(frame.columns)[-5:] == ["homo_eV", "mu_D", "mu_x_D", "mu_y_D", "mu_z_D"]
+    assert list(frame["record"]) == [1, 2] and list(frame["smiles"]) == ["CCO", "CC"]
     with pytest.raises(ValueError, match="unknown target"):
         model.predict("CCO", targets="nope")
+
+
+def test_the_dipole_vector_turns_with_the_molecule(tiny_checkpoint: Path) -> None:
+    """mu_x, mu_y, mu_z are in the input's axes: a rotated (and moved) copy gets the rotated vector, whose
+    norm is mu; to float32 precision."""
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    atoms = molecule("CH3CH2OH")
+    torch.manual_seed(4)
+    rotation = o3.rand_matrix(dtype=torch.float64).numpy()
+    turned = atoms.copy()
+    turned.positions = atoms.positions @ rotation.T + np.array([30.0, -12.0, 7.0])
+    rows = model.predict([atoms, turned], targets="mu,homo")
+    vector, turned_vector = (np.array([row.values[c] for c in DIPOLE]) for row in rows)  # [3] D
+    assert np.linalg.norm(vector) > 0.05  # a vector with a direction to test
+    np.testing.assert_allclose(turned_vector, rotation @ vector, rtol=1e-4, atol=1e-5)
+    for row in rows:
+        assert np.linalg.norm([row.values[c] for c in DIPOLE]) == pytest.approx(row.values["mu"], rel=1e-5)
+        assert row.units["mu_x"] == "D"
+
+
+def test_the_data_frame_is_the_csv_file(tiny_checkpoint: Path, samples: Path, tmp_path: Path) -> None:
+    """predict_frame and pandas reading se3t predict's CSV give the same columns and values."""
+    pd = pytest.importorskip("pandas")
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    frame = model.predict_frame(samples / "bad.sdf")  # errors, a generated conformer, a 3D record
+    out = tmp_path / "out.csv"
+    molecules = read_molecules([samples / "bad.sdf"])
+    predict_to_file(model.loaded, molecules, torch.device("cpu"), model.targets, out, lambda *row: None)
+    from_file = pd.read_csv(out, keep_default_na=False, na_values=[""])
+    assert list(frame.columns) == list(from_file.columns)
+    values = list(frame.columns[7:])
+    pd.testing.assert_frame_equal(frame[values], from_file[values])
+    text = ["name", "source", "formula", "smiles", "status", "message"]
+    pd.testing.assert_frame_equal(frame[text].fillna(""), from_file[text].fillna(""))
+    assert list(frame["record"]) == list(from_file["record"]) == [1, 2, 3, 4]
 
 
 def test_the_calculator_gives_an_equivariant_dipole_and_no_energy(tiny_checkpoint: Path) -> None:
@@ -106,6 +148,7 @@ def test_one_molecule_alone_and_paths_that_are_not_files(tiny_checkpoint: Path, 
     assert missing.message.endswith("no such file") and missing.source.endswith("mols.sdf")
     assert folder.status == "error" and as_path.message.endswith("no such file")
     frame = model.predict_frame([], targets="homo")
-    assert list(frame.columns) == ["name", "source", "index", "formula", "status", "message", "homo [eV]"]
-    assert model.predict_frame([None], targets="homo")["homo [eV]"].dtype == np.float64  # NaN, not None
-    assert pd.isna(model.predict_frame([None], targets="homo")["homo [eV]"][0])
+    columns = ["name", "source", "record", "formula", "smiles", "status", "message", "homo_eV"]
+    assert list(frame.columns) == columns
+    assert model.predict_frame([None], targets="homo")["homo_eV"].dtype == np.float64  # NaN, not None
+    assert pd.isna(model.predict_frame([None], targets="homo")["homo_eV"][0])

@@ -27,14 +27,16 @@ from se3tcli.cli import app
 from se3tcli.equivariance import TRANSFORMS, check_equivariance
 from se3tcli.graph import collate
 from se3tcli.io import read_molecules
+from se3tcli.io.outputs import file_value
 from se3tcli.model import fused_cpu
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
-from se3tcli.predict import predict_stream
+from se3tcli.predict import output_units, predict_stream
+from se3tcli.targets import column_name
 
 runner = CliRunner()
 CPU = torch.device("cpu")
-BASE_COLUMNS = ["name", "source", "index", "formula", "status", "message"]
+BASE_COLUMNS = ["name", "source", "record", "formula", "smiles", "status", "message"]
 CHECK_KEYS = {"molecule", "transform", "max_abs_error", "max_rel_error", "tolerance", "passed"}
 
 
@@ -73,8 +75,9 @@ def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def _unit_column(loaded: LoadedModel, target: str) -> str:
-    return f"{target} [{loaded.units[target]}]"
+def _columns(loaded: LoadedModel) -> dict[str, str]:
+    """Quantity -> its column in output files: the targets, then the dipole components (``mu_x_D``)."""
+    return {q: column_name(q, unit) for q, unit in output_units(loaded, loaded.targets).items()}
 
 
 # ------------------------------------------------------------------------------------------------ predict
@@ -98,15 +101,16 @@ def test_predict_csv(tmp_path, tiny_checkpoint, sample_sdf, loaded, expected) ->
     assert "10 of 10 molecules predicted; written to" in _flat(result.stdout)
     with open(out, newline="") as handle:
         reader = csv.DictReader(handle)
-        assert reader.fieldnames == BASE_COLUMNS + [_unit_column(loaded, t) for t in loaded.targets]
+        assert reader.fieldnames == BASE_COLUMNS + list(_columns(loaded).values())
+        assert reader.fieldnames[-4:] == ["U0_eV", "mu_x_D", "mu_y_D", "mu_z_D"]  # the dipole head's vector
         rows = list(reader)
     assert [r["name"] for r in rows] == list(expected)
-    assert [int(r["index"]) for r in rows] == list(range(10))
+    assert [int(r["record"]) for r in rows] == list(range(1, 11))
     for row in rows:
         assert row["status"] == "ok" and row["message"] == "" and row["source"] == str(sample_sdf)
-        for target in loaded.targets:
-            assert float(row[_unit_column(loaded, target)]) == expected[row["name"]][target]
-    assert rows[0]["formula"] == "CH4"
+        for quantity, column in _columns(loaded).items():
+            assert float(row[column]) == file_value(expected[row["name"]][quantity])
+    assert rows[0]["formula"] == "CH4" and rows[0]["smiles"] == "C" and rows[3]["smiles"] == "C#N"
 
 
 def test_predict_json(tmp_path, tiny_checkpoint, sample_sdf, loaded, expected) -> None:
@@ -115,12 +119,11 @@ def test_predict_json(tmp_path, tiny_checkpoint, sample_sdf, loaded, expected) -
     assert result.exit_code == 0, result.output
     records = json.loads(out.read_text())
     assert isinstance(records, list) and len(records) == 10
-    for index, record in enumerate(records):
-        assert set(record) == {*BASE_COLUMNS, "predictions"}
-        assert record["index"] == index and record["status"] == "ok"
-        assert list(record["predictions"]) == list(loaded.targets)
-        for target, prediction in record["predictions"].items():
-            assert prediction == {"value": expected[record["name"]][target], "unit": loaded.units[target]}
+    for number, record in enumerate(records, start=1):
+        assert list(record) == BASE_COLUMNS + list(_columns(loaded).values())
+        assert record["record"] == number and record["status"] == "ok"
+        for quantity, column in _columns(loaded).items():
+            assert record[column] == file_value(expected[record["name"]][quantity])
 
 
 def test_predict_sdf(tmp_path, tiny_checkpoint, sample_sdf, loaded, expected) -> None:
@@ -133,12 +136,13 @@ def test_predict_sdf(tmp_path, tiny_checkpoint, sample_sdf, loaded, expected) ->
     for mol, original in zip(written, originals, strict=True):
         name = mol.GetProp("_Name")
         assert name == original.GetProp("_Name") and mol.GetProp("se3t_status") == "ok"
-        assert mol.GetProp("homo_eV") == original.GetProp("homo_eV")  # the input's tags are kept
+        assert mol.GetProp("lumo_eV") == original.GetProp("lumo_eV")  # the input's tags are kept,
+        assert mol.GetProp("homo_eV_input") == original.GetProp("homo_eV")  # renamed if named like a value
         np.testing.assert_allclose(
             mol.GetConformer().GetPositions(), original.GetConformer().GetPositions(), atol=1e-4
         )
-        for target in loaded.targets:
-            assert float(mol.GetProp(_unit_column(loaded, target))) == expected[name][target]
+        for quantity, tag in _columns(loaded).items():
+            assert float(mol.GetProp(tag)) == file_value(expected[name][quantity])
 
 
 def test_predict_table_and_smiles(tiny_checkpoint, sample_sdf) -> None:
@@ -160,13 +164,12 @@ def _write_xyz(path: Path, molecules, rotation: np.ndarray | None = None, shift=
     return path
 
 
-def _predict_json(tmp_path: Path, model: Path, source: Path) -> dict[str, dict[str, float]]:
+def _predict_json(tmp_path: Path, model: Path, source: Path, keys: list[str]) -> dict[str, dict[str, float]]:
+    """``{name: {key: value}}`` of ``se3t predict source -o FILE.json``."""
     out = tmp_path / f"{source.stem}.json"
     result = _invoke("predict", source, "--model", model, "-o", out)
     assert result.exit_code == 0, result.output
-    return {
-        r["name"]: {t: p["value"] for t, p in r["predictions"].items()} for r in json.loads(out.read_text())
-    }
+    return {r["name"]: {k: r[k] for k in keys} for r in json.loads(out.read_text())}
 
 
 def test_same_molecule_as_sdf_xyz_and_rotated_xyz(tmp_path, tiny_checkpoint, sample_sdf, loaded) -> None:
@@ -179,10 +182,11 @@ def test_same_molecule_as_sdf_xyz_and_rotated_xyz(tmp_path, tiny_checkpoint, sam
     rotation = o3.rand_matrix(dtype=torch.float64).numpy()
     xyz = _write_xyz(tmp_path / "same.xyz", molecules)
     rotated = _write_xyz(tmp_path / "rotated.xyz", molecules, rotation, np.array([50.0, -20.0, 5.0]))
-    from_sdf = _predict_json(tmp_path, tiny_checkpoint, sample_sdf)
+    invariant = [_columns(loaded)[t] for t in loaded.targets]
+    from_sdf = _predict_json(tmp_path, tiny_checkpoint, sample_sdf, invariant)
     for other in (
-        _predict_json(tmp_path, tiny_checkpoint, xyz),
-        _predict_json(tmp_path, tiny_checkpoint, rotated),
+        _predict_json(tmp_path, tiny_checkpoint, xyz, invariant),
+        _predict_json(tmp_path, tiny_checkpoint, rotated, invariant),
     ):
         assert list(other) == list(from_sdf)
         for name, values in other.items():
@@ -200,11 +204,12 @@ def test_bad_records_keep_their_rows(tmp_path, tiny_checkpoint, samples, loaded)
     assert [r["status"] for r in records] == ["error", "error", "warning", "ok"]
     for number, record in enumerate(records[:2], start=1):
         assert record["message"].startswith(f"bad.sdf record {number} ({record['name']}): ")
-        assert record["predictions"] == {}
+        assert record["record"] == number and all(record[c] is None for c in _columns(loaded).values())
     assert "valence" in records[0]["message"] and "unsupported element" in records[1]["message"]
     assert "3D conformer generated" in records[2]["message"]
     for record in records[2:]:
-        assert set(record["predictions"]) == set(loaded.targets)
+        assert all(isinstance(record[c], float) for c in _columns(loaded).values())
+    assert records[3]["smiles"] == "NCC(=O)O"  # glycine, from the SD record's bonds
     assert "bad.sdf record 1 (pentavalent_carbon)" in _flat(result.stdout)  # the reasons are printed too
 
 
@@ -455,7 +460,7 @@ def test_installed_entry_point(tmp_path, tiny_checkpoint, sample_sdf, expected, 
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["name"] for r in rows] == list(expected)
-    column = _unit_column(loaded, "homo")
+    column = _columns(loaded)["homo"]
     # A fresh process may pick other CPU kernels than this one: equal up to float32 rounding.
     for row in rows:
         assert float(row[column]) == pytest.approx(expected[row["name"]]["homo"], rel=1e-5, abs=1e-5)

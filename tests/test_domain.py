@@ -23,9 +23,11 @@ def _loaded(domain: dict) -> LoadedModel:
 
 
 def _molecule(n_carbons: int) -> Molecule:
+    """A chain of carbons 1.5 Å apart with four hydrogens on the first: one sound fragment of any size."""
     numbers = np.array([6] * n_carbons + [1] * 4, dtype=np.int64)
-    positions = np.arange(3 * len(numbers), dtype=np.float64).reshape(-1, 3) * 1.5
-    return Molecule("m", "in.sdf", 0, numbers, positions, {}, STATUS_OK)
+    chain = np.arange(n_carbons)[:, None] * np.array([1.5, 0.0, 0.0])
+    hydrogens = 1.09 * np.array([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    return Molecule("m", "in.sdf", 0, numbers, np.concatenate([chain, hydrogens]), {}, STATUS_OK)
 
 
 @pytest.mark.parametrize("n_heavy", [1, 3, 5])

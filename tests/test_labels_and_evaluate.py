@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SAMPLE_TAGS  # noqa: I001 - the tests folder's shared helpers
+from rdkit import Chem
 from typer.testing import CliRunner
 
 from se3tcli.checkpoint import load_model
@@ -15,7 +17,7 @@ from se3tcli.cli import app
 from se3tcli.data.labels import label_value
 from se3tcli.io import read_molecules
 from se3tcli.predict import predict_stream
-from se3tcli.targets import HARTREE_TO_EV
+from se3tcli.targets import HARTREE_TO_EV, TARGETS, column_name
 
 runner = CliRunner()
 
@@ -36,6 +38,8 @@ runner = CliRunner()
         ({"mu_debye": "1.5"}, "mu", 1.5),
         ({"homo_eV": "-6", "homo": "-7"}, "homo", -7.0),  # the exact name wins
         ({"homo": "n/a", "homo_eV": "-6"}, "homo", -6.0),  # an unreadable value is skipped
+        ({"Cv_cal_per_mol_K": "30"}, "Cv", 30.0),
+        ({"mu_x_D": "9", "mu_D": "1.5"}, "mu", 1.5),  # a dipole component is not mu
     ],
 )
 def test_a_label_is_read_in_its_display_unit(properties: dict, target: str, expected: float) -> None:
@@ -44,10 +48,63 @@ def test_a_label_is_read_in_its_display_unit(properties: dict, target: str, expe
 
 @pytest.mark.parametrize(
     "properties, target",
-    [({"alpha [A3]": "70"}, "alpha"), ({"homo [furlong]": "1"}, "homo"), ({"U0": "1"}, "U"), ({}, "homo")],
+    [
+        ({"alpha [A3]": "70"}, "alpha"),
+        ({"homo [furlong]": "1"}, "homo"),
+        ({"U0": "1"}, "U"),
+        ({}, "homo"),
+        ({"mu_x_D": "1", "mu_y_D": "1", "mu_z_D": "1"}, "mu"),
+    ],
 )
 def test_unknown_units_other_targets_and_missing_labels_give_nothing(properties: dict, target: str) -> None:
     assert label_value(properties, target) is None
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_the_column_names_of_output_files_are_read_as_labels(target: str) -> None:
+    assert label_value({column_name(target, TARGETS[target].unit): "1.25"}, target) == 1.25
+
+
+def test_in_se3t_output_the_inputs_references_win_over_its_predictions() -> None:
+    output = {"HOMO [eV]": "-7.0", "homo_eV": "-6.0", "se3t_status": "ok"}  # a reference, a prediction
+    assert label_value(output, "homo") == -7.0
+    assert label_value({"homo_eV_input": "-7.0", "homo_eV": "-6.0", "se3t_status": "ok"}, "homo") == -7.0
+    assert label_value({"homo_eV": "-6.0", "se3t_status": "ok"}, "homo") == -6.0  # no reference
+    assert label_value({"homo_input": "-7.0"}, "homo") is None  # not se3t output: an unknown key
+
+
+def test_predictions_written_as_sdf_evaluate_as_labels(
+    tmp_path: Path, samples: Path, tiny_checkpoint
+) -> None:
+    """se3t predict -o out.sdf, then se3t evaluate --dataset out.sdf with the same model. The input's
+    references (homo_eV, ..., kept in out.sdf as homo_eV_input) are the labels where the input had them:
+    the scores equal those on the input itself. Targets without references are scored against se3t's
+    predictions, so their errors are float32 rounding (positions of labelled data are float32, too)."""
+    out = tmp_path / "out.sdf"
+    model = ["--model", str(tiny_checkpoint), "--device", "cpu"]
+    predicted = runner.invoke(app, ["predict", str(samples / "qm9_sample.sdf"), *model, "-o", str(out)])
+    assert predicted.exit_code == 0, predicted.output
+    targets = load_model(str(tiny_checkpoint)).targets
+    referenced = [t for t in targets if t in SAMPLE_TAGS.values()]
+    assert referenced  # homo and gap, whether the tiny model was trained on QM9 or on the samples
+
+    def scores(path: Path, chosen) -> dict:
+        args = ["evaluate", "--dataset", str(path), "--targets", ",".join(chosen), "--split", "all"]
+        result = runner.invoke(app, [*args, "--json", *model])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["n"] == 10
+        return report["metrics"]
+
+    on_output, on_input = scores(out, targets), scores(samples / "qm9_sample.sdf", referenced)
+    written = list(Chem.SDMolSupplier(str(out), removeHs=False))
+    for target, metrics in on_output.items():
+        if target in referenced:
+            assert metrics["mae"] == pytest.approx(on_input[target]["mae"], rel=1e-5), target
+            continue
+        tag = column_name(target, TARGETS[target].unit)
+        scale = max(abs(float(mol.GetProp(tag))) for mol in written)
+        assert metrics["mae"] <= 1e-6 * max(scale, 1.0), (target, metrics["mae"], scale)
 
 
 def test_evaluate_scores_a_labelled_file_on_the_targets_it_carries(tmp_path: Path, samples: Path) -> None:
@@ -64,14 +121,14 @@ def test_evaluate_scores_a_labelled_file_on_the_targets_it_carries(tmp_path: Pat
     assert report["n"] == 10 and set(report["metrics"]) == {"homo", "lumo", "gap"}
     assert all(m["r2"] is not None and m["r2"] <= 1 and m["n"] == 10 for m in report["metrics"].values())
     rows = list(csv.DictReader(out.open()))
-    assert [int(r["index"]) for r in rows] == list(range(1, 11))
+    assert [int(r["record"]) for r in rows] == list(range(1, 11))
     loaded = load_model("qm9-default")
     expected = [v for _, v in predict_stream(loaded, read_molecules([sdf]), torch.device("cpu"))]
     # Labelled data keeps float32 positions (as the QM9 cache does); predict centres float64 ones. At
     # methane's symmetric geometry the bundled model is that sensitive (0.7 meV here), elsewhere ~1e-6 eV.
     for row, values in zip(rows, expected, strict=True):
-        assert float(row["homo predicted [eV]"]) == pytest.approx(values["homo"], abs=1e-3)
-    errors = [abs(float(r["homo [eV]"]) - float(r["homo predicted [eV]"])) for r in rows]
+        assert float(row["homo_predicted_eV"]) == pytest.approx(values["homo"], abs=1e-3)
+    errors = [abs(float(r["homo_eV"]) - float(r["homo_predicted_eV"])) for r in rows]
     assert report["metrics"]["homo"]["mae"] == pytest.approx(sum(errors) / 10)
 
 

@@ -26,7 +26,8 @@ def test_smiles_from_standard_input_to_csv_on_standard_output(tiny_checkpoint: P
         ("ethanol", "<stdin>", "warning"),
         ("not-a-smiles", "<stdin>", "error"),
     ]
-    assert rows[0]["homo [eV]"] and rows[1]["message"].startswith("<stdin> record 2 (not-a-smiles)")
+    assert rows[0]["homo_eV"] and rows[1]["message"].startswith("<stdin> record 2 (not-a-smiles)")
+    assert list(rows[0])[-1] == "homo_eV" and rows[0]["smiles"] == "CCO"  # no dipole without mu
     assert "se3t predictions" in result.stderr and "1 of 2 molecules predicted" in result.stderr
 
 
@@ -67,4 +68,4 @@ def test_a_real_pipe(tiny_checkpoint: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0].startswith("name,source,index") and len(done.stdout.splitlines()) == 3
+    assert done.stdout.splitlines()[0].startswith("name,source,record") and len(done.stdout.splitlines()) == 3

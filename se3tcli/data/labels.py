@@ -1,9 +1,11 @@
 """A target's value in a record's properties (SD tags, extXYZ info keys), in the target's display unit.
 
 A key names the target in any case, with or without a unit: ``homo``, ``HOMO``, ``homo_eV``,
-``homo [eV]``, ``homo (Ha)``, ``gap_meV``, ``alpha [bohr3]``. Energies convert from eV, meV, Ha (hartree),
-kcal/mol and kJ/mol; the other targets take their own unit (in a few spellings). A key with an unknown
-unit is not used, so a wrong unit is never read as the right one.
+``homo [eV]``, ``homo (Ha)``, ``gap_meV``, ``alpha [bohr3]``, and the names of se3t's own output files
+(``Cv_cal_per_mol_K``, :func:`~se3tcli.targets.column_name`). Energies convert from eV, meV, Ha (hartree),
+kcal/mol and kJ/mol; the other targets take their own unit (in a few spellings), and a user-defined target
+(``logS [log(mol/L)]``) the unit it was defined with. A key with an unknown unit is not used, so a wrong
+unit is never read as the right one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping
 
-from se3tcli.targets import HARTREE_TO_EV, TARGETS
+from se3tcli.targets import HARTREE_TO_EV, INPUT_TAG_SUFFIX, STATUS_TAG, TARGETS, column_name, unit_identifier
 
 _KEY = re.compile(
     r"^\s*(?P<name>[A-Za-z][A-Za-z0-9]*?)\s*"  # the target
@@ -36,18 +38,27 @@ def _spelling(unit: str) -> str:
 
 
 def unit_factor(target: str, unit: str | None) -> float | None:
-    """The factor from ``unit`` to ``target``'s display unit (1 without a unit); None when unknown."""
-    if unit is None:
+    """The factor from ``unit`` to ``target``'s display unit (1 without a unit or in that unit, spelled as
+    it was defined or as output columns spell it); None when unknown."""
+    display = TARGETS[target].unit
+    if unit is None or _spelling(unit) in (_spelling(display), _spelling(unit_identifier(display))):
         return 1.0
-    return _TO_DISPLAY.get(TARGETS[target].unit, {}).get(_spelling(unit))
+    return _TO_DISPLAY.get(display, {}).get(_spelling(unit))
 
 
 def label_value(properties: Mapping[str, object], target: str) -> float | None:
     """``target``'s finite value among ``properties`` in its display unit, or None where none is given.
-    The key spelled exactly like the target wins over other spellings."""
-    candidates = sorted(properties, key=lambda key: str(key) != target)
-    for key in candidates:
-        match = _KEY.match(str(key))
+    The key spelled exactly like the target wins over other spellings. In se3t's own SDF output (records
+    with a status tag) the input's values come first, whatever their spelling (``homo_eV_input``,
+    ``HOMO [eV]``), and se3t's prediction (``homo_eV``) serves only where the input had none."""
+    prediction = column_name(target, TARGETS[target].unit) if STATUS_TAG in properties else None
+
+    def rank(key: str) -> tuple[bool, bool]:
+        return key == prediction, key.removesuffix(INPUT_TAG_SUFFIX) != target
+
+    for key in sorted(properties, key=lambda key: rank(str(key))):
+        name = str(key).removesuffix(INPUT_TAG_SUFFIX) if prediction else str(key)
+        match = _KEY.match(name)
         if match is None or match["name"].lower() != target.lower():
             continue
         factor = unit_factor(target, match["square"] or match["round"] or match["suffix"])

@@ -32,6 +32,12 @@ class Molecule:
     status: str  # STATUS_OK | STATUS_WARNING | STATUS_ERROR
     message: str = ""  # reason for a warning/error, naming the file and the record
     rdkit_mol: Chem.Mol | None = None  # the RDKit molecule with its 3D conformer, when there is one
+    smiles: str = ""  # the SMILES string as given, for molecules read from SMILES
+
+    @property
+    def record(self) -> int:
+        """The 1-based record number that messages and output files name."""
+        return self.index + 1
 
     @property
     def formula(self) -> str:

@@ -1,29 +1,52 @@
 """The output formats of :class:`~se3tcli.io.writer.PredictionWriter`: CSV, JSON and SDF.
 
-Each format gets the open text file and the targets with their units; :meth:`write` adds one molecule with
-its finite prediction values (None for NaN), :meth:`finish` whatever follows the last one.
+Each format gets the open text file and the predicted quantities (targets, then any dipole components)
+with their units; :meth:`write` adds one molecule with its values (finite, at float32 precision, None
+where there is none), :meth:`finish` whatever follows the last one. Values are named alike in every
+format: :func:`~se3tcli.targets.column_name` (``homo_eV``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import textwrap
 from typing import IO
 
 import numpy as np
 from rdkit import Chem
-from rdkit.Chem import rdDetermineBonds
 
+from se3tcli.io.bonds import atoms_mol, perceive_bonds
 from se3tcli.io.molecule import Molecule
 from se3tcli.io.rdkit_tools import RDKitLog
+from se3tcli.targets import INPUT_TAG_SUFFIX, STATUS_TAG, column_name
 
-_BASE_COLUMNS = ("name", "source", "index", "formula", "status", "message")
-_MAX_ATOMS_BOND_PERCEPTION = 500  # larger atoms-only molecules are written to SDF without bonds
+# The fields of every CSV row and JSON record before the values; record is 1-based, as in the messages.
+BASE_COLUMNS = ("name", "source", "record", "formula", "smiles", "status", "message")
 
 
-def _column(target: str, unit: str) -> str:
-    return f"{target} [{unit}]" if unit else target
+def file_value(value: float) -> float | None:
+    """A value as output files hold it: None unless finite, else rounded to float32 (what the model
+    computes in) and given as the float with the shortest decimal that reads back as that float32
+    (-6.123, not -6.123000144958496)."""
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, so None
+        single = np.float32(value)
+    return float(str(single)) if math.isfinite(single) else None
+
+
+def base_fields(molecule: Molecule) -> dict[str, object]:
+    """The :data:`BASE_COLUMNS` of one row."""
+    m = molecule
+    return {
+        "name": m.name,
+        "source": m.source,
+        "record": m.record,
+        "formula": m.formula,
+        "smiles": smiles_of(m),
+        "status": m.status,
+        "message": m.message,
+    }
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as the start of a formula
@@ -36,43 +59,33 @@ def inert_text(text: str) -> str:
 
 
 class CsvFormat:
-    """Columns name, source, index, formula, status, message, then ``<target> [<unit>]`` per target."""
+    """Columns :data:`BASE_COLUMNS`, then one per quantity (``homo_eV``); empty cells where no value."""
 
-    def __init__(self, handle: IO[str], targets: tuple[str, ...], units: dict[str, str]):
-        self._targets = targets
+    def __init__(self, handle: IO[str], quantities: tuple[str, ...], units: dict[str, str]):
+        self._quantities = quantities
         self._csv = csv.writer(handle, lineterminator="\n")
-        self._csv.writerow([*_BASE_COLUMNS, *(_column(t, units[t]) for t in targets)])
+        self._csv.writerow([*BASE_COLUMNS, *(column_name(q, units[q]) for q in quantities)])
 
     def write(self, molecule: Molecule, values: dict[str, float | None]) -> None:
-        cells = [repr(v) if (v := values.get(t)) is not None else "" for t in self._targets]
-        m = molecule
-        text = [inert_text(cell) for cell in (m.name, m.source)]
-        self._csv.writerow([*text, m.index, m.formula, m.status, inert_text(m.message), *cells])
+        cells = [repr(v) if (v := values.get(q)) is not None else "" for q in self._quantities]
+        text = [inert_text(v) if isinstance(v, str) else v for v in base_fields(molecule).values()]
+        self._csv.writerow([*text, *cells])
 
     def finish(self) -> None:
         """Nothing to add after the last row."""
 
 
 class JsonFormat:
-    """A JSON list of records, written one record at a time; non-finite values become null."""
+    """A JSON list of flat records written one at a time: the CSV's columns as keys, null where no value."""
 
-    def __init__(self, handle: IO[str], targets: tuple[str, ...], units: dict[str, str]):
+    def __init__(self, handle: IO[str], quantities: tuple[str, ...], units: dict[str, str]):
         self._handle = handle
-        self._units = units
+        self._keys = {q: column_name(q, units[q]) for q in quantities}
         self._count = 0
         handle.write("[")
 
     def write(self, molecule: Molecule, values: dict[str, float | None]) -> None:
-        m = molecule
-        record = {
-            "name": m.name,
-            "source": m.source,
-            "index": m.index,
-            "formula": m.formula,
-            "status": m.status,
-            "message": m.message,
-            "predictions": {t: {"value": v, "unit": self._units[t]} for t, v in values.items()},
-        }
+        record = base_fields(molecule) | {key: values.get(q) for q, key in self._keys.items()}
         text = json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False)
         self._handle.write(("\n" if self._count == 0 else ",\n") + textwrap.indent(text, "  "))
         self._count += 1
@@ -82,32 +95,37 @@ class JsonFormat:
 
 
 class SdfFormat:
-    """SD records with 3D coordinates, the original tags, ``<target> [<unit>]`` tags and se3t_status/message.
+    """SD records with 3D coordinates, the original tags, one tag per value (``homo_eV``) and
+    se3t_status/message. An input tag named like a value tag (such as an earlier run's prediction, or
+    reference values) is kept as ``<tag>_input``.
 
     Rows without atoms or without finite coordinates cannot be written as SD records and are skipped.
     """
 
-    def __init__(self, handle: IO[str], targets: tuple[str, ...], units: dict[str, str]):
+    def __init__(self, handle: IO[str], quantities: tuple[str, ...], units: dict[str, str]):
         self._handle = handle
-        self._tags = {t: _column(t, units[t]) for t in targets}
+        self._tags = {q: column_name(q, units[q]) for q in quantities}
+        self._tag_names = set(self._tags.values())
 
     def write(self, molecule: Molecule, values: dict[str, float | None]) -> None:
-        if molecule.numbers.size == 0 or not np.isfinite(molecule.positions).all():
+        if not _has_coordinates(molecule):
             return
         if molecule.rdkit_mol is not None:
             mol = Chem.Mol(molecule.rdkit_mol)
         else:
-            mol = _mol_from_atoms(molecule.numbers, molecule.positions, perceive_bonds=molecule.ok)
+            mol = atoms_mol(molecule.numbers, molecule.positions)
+            bonded = perceive_bonds(mol) if molecule.ok else None
+            mol = mol if bonded is None else bonded
         mol.SetProp("_Name", " ".join(molecule.name.split()))  # the title line of an SD record
         for key, value in molecule.properties.items():
-            mol.SetProp(key, value)
-        for target, tag in self._tags.items():
-            value = values.get(target)
+            mol.SetProp(f"{key}{INPUT_TAG_SUFFIX}" if key in self._tag_names else key, value)
+        for quantity, tag in self._tags.items():
+            value = values.get(quantity)
             if value is not None:
                 mol.SetProp(tag, repr(value))
-            elif mol.HasProp(tag):  # a stale value from an earlier run in the input
+            elif mol.HasProp(tag):  # the RDKit molecule's own copy of the input's tag
                 mol.ClearProp(tag)
-        mol.SetProp("se3t_status", molecule.status)
+        mol.SetProp(STATUS_TAG, molecule.status)
         mol.SetProp("se3t_message", " ".join(molecule.message.split()))
         with RDKitLog():
             try:
@@ -128,27 +146,24 @@ FORMAT_BY_SUFFIX: dict[str, type[CsvFormat | JsonFormat | SdfFormat]] = {
 }
 
 
-def _mol_from_atoms(numbers: np.ndarray, positions: np.ndarray, perceive_bonds: bool) -> Chem.Mol:
-    """An RDKit molecule from atoms ([n_atoms]) and coordinates ([n_atoms, 3] Å), with bonds from
-    rdDetermineBonds when it succeeds."""
-    rw = Chem.RWMol()
-    for z in numbers:
-        atom = Chem.Atom(int(z))
-        atom.SetNoImplicit(True)
-        rw.AddAtom(atom)
-    conformer = Chem.Conformer(len(numbers))
-    for i, xyz in enumerate(positions.tolist()):
-        conformer.SetAtomPosition(i, xyz)
-    conformer.Set3D(True)
-    rw.AddConformer(conformer, assignId=True)
-    mol = rw.GetMol()
-    if perceive_bonds and len(numbers) <= _MAX_ATOMS_BOND_PERCEPTION:
-        bonded = Chem.Mol(mol)
-        with RDKitLog():
-            try:
-                rdDetermineBonds.DetermineBonds(bonded, charge=0)
-                return bonded
-            except Exception:  # no consistent bond orders: atoms only
-                pass
-    mol.UpdatePropertyCache(strict=False)
-    return mol
+def _has_coordinates(molecule: Molecule) -> bool:
+    return molecule.numbers.size > 0 and bool(np.isfinite(molecule.positions).all())
+
+
+def smiles_of(molecule: Molecule) -> str:
+    """The row's SMILES: as given for SMILES input; otherwise RDKit's canonical SMILES of the record's
+    RDKit molecule where it has bonds, else of bonds perceived from the atoms (rows that can be
+    predicted); "" where there is no such molecule or RDKit cannot write it."""
+    if molecule.smiles:
+        return molecule.smiles
+    mol = molecule.rdkit_mol
+    if mol is None or mol.GetNumBonds() == 0:  # atoms only: bonds from the coordinates, if any
+        perceivable = molecule.ok and _has_coordinates(molecule)
+        mol = perceive_bonds(atoms_mol(molecule.numbers, molecule.positions)) if perceivable else None
+    if mol is None:
+        return ""
+    with RDKitLog():
+        try:
+            return Chem.MolToSmiles(Chem.RemoveHs(mol))
+        except Exception:  # e.g. a molecule that does not sanitize
+            return ""

@@ -15,7 +15,7 @@ from se3tcli.data.dataset import LabelledData, load_labelled
 from se3tcli.data.qm9 import QM9Data
 from se3tcli.files import atomic_write
 from se3tcli.graph import collate
-from se3tcli.targets import TARGETS
+from se3tcli.targets import TARGETS, column_name
 
 
 def batches(data: QM9Data, indices: np.ndarray, batch_size: int, cutoff: float) -> Iterator[tuple]:
@@ -91,14 +91,16 @@ def write_predictions(
     pred: dict[str, np.ndarray],
     limit: int | None = None,
 ) -> None:
-    """CSV of each molecule of the split: its index in the data (QM9's molecule number, or the record's
-    1-based number in a file), then per target the true and the predicted value in its display unit."""
+    """CSV of each molecule of the split: ``qm9_index`` (QM9's molecule number) or ``record`` (the
+    record's 1-based number in a labelled file), then per target the true and the predicted value in its
+    display unit, named like predict's columns (``homo_eV``, ``homo_predicted_eV``)."""
     data = labelled.data
     indices = split_indices(labelled, split, limit)
     truth = data.targets[indices]
-    header = ["index"]
+    header = ["qm9_index" if labelled.description.get("dataset") == "qm9" else "record"]
     for t in data.target_names:
-        header += [f"{t} [{TARGETS[t].unit}]", f"{t} predicted [{TARGETS[t].unit}]"]
+        unit = TARGETS[t].unit
+        header += [column_name(t, unit), column_name(f"{t}_predicted", unit)]
     with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)

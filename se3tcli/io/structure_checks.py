@@ -1,0 +1,92 @@
+"""Warnings about a structure's chemistry, judged from its atoms and coordinates: bonds far shorter than
+covalent radii allow, several disconnected fragments, carbon compounds without hydrogens, and (in
+atoms-only input such as XYZ, where charges are unknown) an odd number of electrons. Each is a reason
+the prediction may be far off; none stops it.
+
+Thresholds were set on 30,000 QM9 molecules (2026-12-01): no pair of their atoms is closer than 0.78 of
+the sum of its covalent radii (triple bonds), and with bonds up to 1.2x that sum every one is a single
+fragment; the thresholds below leave margin on both. (Bond-order perception, rdDetermineBonds, fails on
+5 % of QM9's own geometries, too often to judge valences by.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase.data import covalent_radii
+
+from se3tcli.elements import symbol
+from se3tcli.graph import radius_graph
+from se3tcli.io.molecule import Molecule
+
+SHORT_BOND_FACTOR = 0.7  # a pair closer than this times its covalent radii sum is unphysical
+BOND_FACTOR = 1.25  # a pair closer than this times its covalent radii sum is bonded (fragments)
+_ALL_PAIRS_ATOMS = 256  # up to this many atoms, all pairs in numpy beat a neighbour search
+
+
+def structure_warnings(molecule: Molecule) -> list[str]:
+    """The reasons to distrust the structure of a row that can be predicted ([] when there are none)."""
+    numbers, positions = molecule.numbers, molecule.positions
+    radii = covalent_radii[numbers]  # [n_atoms] Å
+    pairs, distances = _close_pairs(positions, BOND_FACTOR * 2 * float(radii.max()))
+    ratio = distances / (radii[pairs[:, 0]] + radii[pairs[:, 1]])  # [n_pairs]
+    reasons = []
+    if (ratio < SHORT_BOND_FACTOR).any():
+        k = int(np.argmin(ratio))
+        i, j = pairs[k]
+        bond = radii[i] + radii[j]
+        reasons.append(
+            f"atoms {i + 1} and {j + 1} ({symbol(int(numbers[i]))}-{symbol(int(numbers[j]))}) are "
+            f"{distances[k]:.2f} Å apart, far shorter than a bond between them (~{bond:.2f} Å): "
+            "an unphysical geometry"
+        )
+    bonded = pairs[ratio < BOND_FACTOR]
+    n_fragments = _count_fragments(len(numbers), bonded)
+    if n_fragments > 1:
+        reasons.append(
+            f"{n_fragments} disconnected fragments, predicted as one molecule (the training molecules "
+            "are single fragments)"
+        )
+    if not (numbers == 1).any() and (numbers == 6).sum() >= 2:  # carbon chemistry without hydrogens
+        reasons.append(
+            "no hydrogen atoms (files often leave them out, and the model needs every atom; "
+            "ignore this if the molecule has none)"
+        )
+    atoms_only = molecule.rdkit_mol is None  # with an RDKit molecule, its charges and radicals are known
+    if atoms_only and int(numbers.sum()) % 2:  # atomic numbers: the electrons of the neutral molecule
+        reasons.append(
+            "an odd number of electrons: a radical if neutral (a hydrogen missing?), while the model was "
+            "trained on closed shells"
+        )
+    return reasons
+
+
+def _close_pairs(positions: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair of atoms closer than ``cutoff`` Å once (``[n_pairs, 2]``, i < j) and its distance."""
+    if len(positions) <= _ALL_PAIRS_ATOMS:
+        i, j = np.triu_indices(len(positions), 1)
+        distances = np.linalg.norm(positions[i] - positions[j], axis=1)  # [n_atoms (n_atoms - 1) / 2] Å
+        close = distances < cutoff
+        return np.stack([i[close], j[close]], axis=1), distances[close]
+    pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.float64))
+    src, dst = radius_graph(pos, torch.zeros(len(pos), dtype=torch.long), 1, cutoff)
+    keep = src < dst
+    pairs = torch.stack([src[keep], dst[keep]], dim=1).numpy()
+    distances = np.linalg.norm(positions[pairs[:, 0]] - positions[pairs[:, 1]], axis=1)
+    return pairs, distances
+
+
+def _count_fragments(n_atoms: int, bonds: np.ndarray) -> int:
+    """Connected components of the atoms joined by ``bonds`` ([n_bonds, 2]): every atom's label becomes
+    the smallest atom index it is connected to (labels hook onto the smaller one across each bond, then
+    follow their chains to the end, until nothing changes)."""
+    labels = np.arange(n_atoms)
+    while True:
+        ends = labels[bonds]  # [n_bonds, 2] labels of both ends
+        hooked = labels.copy()
+        np.minimum.at(hooked, ends.ravel(), np.repeat(ends.min(axis=1), 2))
+        while not np.array_equal(hooked, hooked[hooked]):
+            hooked = hooked[hooked]
+        if np.array_equal(hooked, labels):
+            return int((labels == np.arange(n_atoms)).sum())
+        labels = hooked

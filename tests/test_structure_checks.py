@@ -1,0 +1,96 @@
+"""Warnings on structures whose chemistry looks wrong: each case flagged with its reason, and none of the
+sample QM9 molecules flagged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from typer.testing import CliRunner
+
+from se3tcli.cli import app
+from se3tcli.io import read_molecules
+from se3tcli.io.molecule import Molecule
+from se3tcli.io.structure_checks import _ALL_PAIRS_ATOMS, _close_pairs, _count_fragments, structure_warnings
+
+WATER = [("O", 0.0, 0.0, 0.0), ("H", 0.96, 0.0, 0.0), ("H", -0.24, 0.93, 0.0)]
+SYMBOLS = {"H": 1, "C": 6, "N": 7, "O": 8}
+
+
+def _molecule(atoms: list[tuple[str, float, float, float]]) -> Molecule:
+    numbers = np.array([SYMBOLS[a[0]] for a in atoms])
+    positions = np.array([a[1:] for a in atoms], dtype=float)
+    return Molecule("m", "m.xyz", 0, numbers, positions, {}, "ok")
+
+
+def _shifted(atoms, dx: float):
+    return [(s, x + dx, y, z) for s, x, y, z in atoms]
+
+
+BENZENE_RING = [("C", 1.39 * np.cos(a), 1.39 * np.sin(a), 0.0) for a in np.arange(6) * np.pi / 3]
+CASES = {
+    "short bond": ([("O", 0.0, 0.0, 0.0), ("H", 0.3, 0.0, 0.0), ("H", -0.24, 0.93, 0.0)], "0.30 Å apart"),
+    "two fragments": (WATER + _shifted(WATER, 5.0), "2 disconnected fragments"),
+    "no hydrogens": (BENZENE_RING, "no hydrogen atoms"),
+    "radical": ([("O", 0.0, 0.0, 0.0), ("H", 0.97, 0.0, 0.0)], "odd number of electrons"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_problem_is_flagged_with_its_reason(case: str) -> None:
+    atoms, reason = CASES[case]
+    (warning,) = structure_warnings(_molecule(atoms))
+    assert reason in warning
+
+
+def test_sound_molecules_are_not_flagged(samples: Path) -> None:
+    assert structure_warnings(_molecule(WATER)) == []
+    rows = [m for m in read_molecules([samples / "qm9_sample.sdf", samples / "qm9_sample.xyz"]) if m.ok]
+    assert len(rows) >= 10
+    assert {m.name: structure_warnings(m) for m in rows} == {m.name: [] for m in rows}
+
+
+def test_fragments_of_random_graphs_match_scipy() -> None:
+    rng = np.random.default_rng(0)
+    for n_atoms in (1, 2, 7, 40, 300):
+        for n_bonds in (0, n_atoms // 2, n_atoms, 3 * n_atoms):
+            bonds = rng.integers(0, n_atoms, size=(n_bonds, 2))
+            graph = coo_matrix((np.ones(n_bonds), (bonds[:, 0], bonds[:, 1])), shape=(n_atoms, n_atoms))
+            assert _count_fragments(n_atoms, bonds) == connected_components(graph, directed=False)[0]
+
+
+def test_large_molecules_find_the_same_pairs() -> None:
+    """Above ``_ALL_PAIRS_ATOMS`` the pairs come from the neighbour search: the same as all pairs."""
+    positions = np.random.default_rng(1).uniform(0, 12, size=(_ALL_PAIRS_ATOMS + 50, 3))
+    pairs, distances = _close_pairs(positions, 2.0)
+    i, j = np.triu_indices(len(positions), 1)
+    d = np.linalg.norm(positions[i] - positions[j], axis=1)
+    expected = {(a, b) for a, b, x in zip(i, j, d, strict=True) if x < 2.0}
+    assert {tuple(p) for p in pairs.tolist()} == expected
+    assert np.allclose(distances, np.linalg.norm(positions[pairs[:, 0]] - positions[pairs[:, 1]], axis=1))
+
+
+def test_predict_flags_the_row_and_still_predicts(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    frames = [CASES["short bond"][0], WATER + _shifted(WATER, 5.0)]
+    text = "".join(f"{len(f)}\nframe\n" + "".join(f"{s} {x} {y} {z}\n" for s, x, y, z in f) for f in frames)
+    (tmp_path / "in.xyz").write_text(text)
+    out = tmp_path / "out.csv"
+    args = [
+        "predict",
+        str(tmp_path / "in.xyz"),
+        "--model",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+        "-o",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 of 2 molecules predicted" in result.output
+    lines = out.read_text().splitlines()[1:]
+    assert "unphysical geometry" in lines[0] and "disconnected fragments" in lines[1]
+    assert all(",warning," in line for line in lines)

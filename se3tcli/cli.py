@@ -142,9 +142,24 @@ def predict(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write .csv, .json or .sdf.")] = None,
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Molecules per batch.")] = 64,
+    max_atoms_per_molecule: Annotated[
+        int, typer.Option(min=1, help="Larger molecules become error rows (their memory grows with size).")
+    ] = 10_000,
     no_embed: Annotated[
         bool, typer.Option("--no-embed", help="Reject 2D/H-less records instead of embedding.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes generating SMILES conformers (default: one per core, 2 to 4; 1: this one).",
+            show_default=False,
+        ),
+    ] = None,
+    conformer_timeout: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds per SMILES conformer; slower ones become error rows (0: none)."),
+    ] = 60.0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --output file (never an input).")
     ] = False,
@@ -160,6 +175,7 @@ def predict(
     --output of - is standard input or output (the table and messages then go to standard error)."""
     from se3tcli.checkpoint import load_model
     from se3tcli.io import STDIN, STDOUT, check_inputs, check_output, read_molecules
+    from se3tcli.io.conformer_pool import default_workers
     from se3tcli.predict import predict_to_file
     from se3tcli.render import predictions_table, progress_bar, status_messages, table_order
 
@@ -185,10 +201,26 @@ def predict(
                 shown.append((replace(molecule, rdkit_mol=None), values))  # keep the table light
             progress.advance(task)
 
-        molecules = read_molecules(inputs, smiles, embed=not no_embed, stdin_format=input_format)
+        molecules = read_molecules(
+            inputs,
+            smiles,
+            embed=not no_embed,
+            stdin_format=input_format,
+            workers=workers or default_workers(),
+            conformer_timeout=conformer_timeout,
+        )
         report_oom = functools.partial(err_console.print, style="yellow")
         n_done, n_predicted = predict_to_file(
-            loaded, molecules, torch_device, chosen, output, on_row, batch_size, report_oom, output_format
+            loaded,
+            molecules,
+            torch_device,
+            chosen,
+            output,
+            on_row,
+            batch_size,
+            report_oom,
+            output_format,
+            max_atoms_per_molecule,
         )
     in_table = chosen if targets else table_order(chosen)  # --targets: the user's order
     table, hidden = predictions_table(shown, in_table, loaded.typical_errors, screen.width)
@@ -268,6 +300,25 @@ def _shown_default(default: Any) -> str | bool:
     return str(default)
 
 
+def _train_targets(spec: str) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """``--targets`` of a run: the names, and the new targets' definitions (``NAME:UNIT[:extensive]``)."""
+    from se3tcli.targets import QM9_TARGETS, parse_train_targets
+
+    try:
+        return parse_train_targets(spec, QM9_TARGETS)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _options_from_file(path: Path) -> dict[str, Any]:
+    from se3tcli.train.config_file import options_from_file
+
+    try:
+        return options_from_file(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 @app.command()
 @guarded
 @_with_options_of(TrainOptions)
@@ -281,28 +332,45 @@ def train(
     layers: Annotated[int | None, typer.Option(min=1, help="Override the preset's number of layers.")] = None,
     heads: Annotated[int | None, typer.Option(min=1, help="Override the preset's attention heads.")] = None,
     kernel: Annotated[str | None, typer.Option(help="depthwise or full.")] = None,
+    nonlinearity: Annotated[
+        str | None, typer.Option(help="norm_sigmoid, gate or norm (discontinuous at zero vectors).")
+    ] = None,
     cutoff: Annotated[
         float | None, typer.Option(min=0.1, help="Neighbour cutoff in Å (default: the preset's).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Options from a TOML file or a run's config.json (the command line overrides)."),
     ] = None,
     debug: DebugOption = False,
     **given: Any,
 ) -> None:
-    """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt and test metrics."""
+    """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt, test metrics and
+    test predictions."""
     from se3tcli.render import RichTrainingReporter, metrics_table
-    from se3tcli.targets import QM9_TARGETS, TARGETS
     from se3tcli.train import Trainer
 
     options = {name: value for name, value in given.items() if value is not None}
+    if config is not None:
+        options = _options_from_file(config) | options
     if "targets" in options:  # not given: the data set's (or, on resume, the run's) targets
-        dataset = options.get("dataset", "qm9")
-        available = QM9_TARGETS if dataset.lower() == "qm9" else tuple(TARGETS)
-        options["targets"] = _targets(options["targets"], available)
-    for name in ("out", "cache", "init_from"):  # paths on the command line, strings in the record
-        if name in options:
+        names, new = _train_targets(options["targets"])
+        options["targets"], options["user_targets"] = names, (options.get("user_targets") or {}) | new
+    for name in ("out", "cache"):  # paths on the command line, strings in the record
+        if options.get(name) is not None:
             options[name] = str(options[name])
-    model = dict(channels=channels, lmax=lmax, n_layers=layers, n_heads=heads, kernel=kernel, cutoff=cutoff)
-    if any(v is not None for v in model.values()):
-        options["model_overrides"] = {k: v for k, v in model.items() if v is not None}
+    model = dict(
+        channels=channels,
+        lmax=lmax,
+        n_layers=layers,
+        n_heads=heads,
+        kernel=kernel,
+        nonlinearity=nonlinearity,
+        cutoff=cutoff,
+    )
+    if any(v is not None for v in model.values()):  # over a config file's
+        overrides = {k: v for k, v in model.items() if v is not None}
+        options["model_overrides"] = (options.get("model_overrides") or {}) | overrides
     options["command"] = shlex.join(["se3t", *sys.argv[1:]])
     run_options = TrainOptions(**options)
     _device(run_options.device)

@@ -15,6 +15,7 @@ import numpy as np
 from se3tcli.data.labels import label_value
 from se3tcli.data.qm9 import QM9Data, load_qm9
 from se3tcli.data.splits import QM9_SPLIT_SIZES, random_split
+from se3tcli.targets import QM9_TARGETS
 
 QM9_NAME = "qm9"
 
@@ -43,6 +44,9 @@ def load_labelled(
 ) -> LabelledData:
     """Load ``qm9`` or a labelled SDF/extXYZ file and split it reproducibly (same arguments, same split)."""
     if dataset.lower() == QM9_NAME:
+        missing = [t for t in targets if t not in QM9_TARGETS]
+        if missing:
+            raise ValueError(f"QM9 has no target {missing[0]!r} (a new target needs a labelled file)")
         full = load_qm9(cache_dir)
         sizes: tuple[int, int, int] | None = QM9_SPLIT_SIZES
         name = QM9_NAME
@@ -92,7 +96,7 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
         positions.append(molecule.positions.astype(np.float32))
         values.append(row)
         counts.append(len(molecule.numbers))
-        records.append(molecule.index + 1)
+        records.append(molecule.record)
     if len(values) < 3:
         raise ValueError(
             f"{path}: only {len(values)} records carry all of {', '.join(targets)} "

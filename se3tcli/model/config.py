@@ -7,12 +7,25 @@ import json
 from dataclasses import dataclass
 
 from se3tcli.graph import DEFAULT_CUTOFF
-from se3tcli.targets import QM9_TARGETS, TARGETS
+from se3tcli.targets import QM9_TARGETS, define_targets
 
 KERNEL_MODES = ("depthwise", "full")
 SELF_INTERACTIONS = ("linear", "attentive")
-NONLINEARITIES = ("norm", "gate")
+NONLINEARITIES = ("norm", "norm_sigmoid", "gate")
 QM9_ELEMENTS = (1, 6, 7, 8, 9)  # H C N O F
+# Upper bounds on the sizes, far above the presets (base: 32 channels, lmax 3, 7 layers, 8 heads), so that
+# an absurd config (a hostile or corrupt checkpoint's) fails at once instead of allocating for minutes.
+MAX_SIZES = {
+    "channels": 1024,
+    "n_heads": 64,
+    "n_layers": 64,
+    "lmax": 6,
+    "jmax": 12,  # 2 * lmax, the highest degree a kernel path can reach
+    "n_radial": 4096,
+    "radial_hidden": 4096,
+    "readout_hidden": 4096,
+}
+MAX_CUTOFF = 20.0  # Å
 
 
 @dataclass(frozen=True)
@@ -28,16 +41,19 @@ class ModelConfig:
     n_heads: int = 4
     kernel: str = "depthwise"
     self_interaction: str = "linear"
-    nonlinearity: str = "norm"
+    nonlinearity: str = "norm_sigmoid"  # "norm" only for checkpoints that use it (see norm.py)
     cutoff: float = DEFAULT_CUTOFF  # Å
     n_radial: int = 16  # Bessel functions of |x|
     radial_hidden: int = 32  # width of the radial network, shared by all layers
     readout_hidden: int = 64
     dipole_head: bool = True  # predict mu as |dipole vector| from charges and atomic dipoles
+    # Targets QM9 lacks, defined by the user: {name: {"unit": str, "extensive": bool}}.
+    user_targets: dict = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "elements", tuple(int(z) for z in self.elements))
+        object.__setattr__(self, "user_targets", dict(self.user_targets))
         problems = []
         if self.kernel not in KERNEL_MODES:
             problems.append(f"kernel must be one of {KERNEL_MODES}")
@@ -55,9 +71,18 @@ class ModelConfig:
             problems.append("lmax >= 0 and jmax >= 0 (or None) are required")
         if not self.cutoff > 0:  # also rejects NaN
             problems.append("cutoff > 0 is required")
-        unknown = [t for t in self.targets if t not in TARGETS]
+        too_large = [
+            f"{name} <= {limit}" for name, limit in MAX_SIZES.items() if (getattr(self, name) or 0) > limit
+        ]
+        if self.cutoff > MAX_CUTOFF:
+            too_large.append(f"cutoff <= {MAX_CUTOFF:g} Å")
+        if too_large:
+            problems.append(f"{', '.join(too_large)} required")
+        unknown = [t for t in self.targets if t not in QM9_TARGETS and t not in self.user_targets]
         if unknown:
             problems.append(f"unknown targets {unknown}")
+        if set(self.user_targets) - set(self.targets):
+            problems.append("user_targets must define targets of the model")
         if not self.targets or len(set(self.targets)) != len(self.targets):
             problems.append("targets must be non-empty and distinct")
         if not self.elements or len(set(self.elements)) != len(self.elements):
@@ -66,6 +91,10 @@ class ModelConfig:
             problems.append("elements must be atomic numbers 1..118")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
+        try:  # only a valid config registers its targets (by name in this process: units, kinds)
+            define_targets(self.user_targets)
+        except ValueError as exc:
+            raise ValueError(f"invalid model config: {exc}") from None
 
     @property
     def kernel_jmax(self) -> int:

@@ -1,10 +1,11 @@
 """Training and evaluation: L1 on normalised targets, AdamW, warm-up + cosine, clipping, an average of the
 weights (EMA) for validation and checkpoints, exact resume, DDP.
 
-``options`` (what a run is and what a resume may change), ``run_directory`` (its files), ``statistics``
-(normalisation, atom references, the starting model), ``steps`` (loss and optimizer step, eager or
-CUDA-graphed), ``schedule``, ``ema``, ``evaluation`` (predictions and errors on a split), ``device`` (device
-and DDP group) and ``trainer`` (the loop that ties them together).
+``options`` (what a run is and what a resume may change), ``config_file`` (options from ``--config``),
+``run_directory`` (its files), ``statistics`` (normalisation, atom references, the starting model, new or
+fine-tuned), ``steps`` (loss and optimizer step, eager or CUDA-graphed), ``schedule``, ``ema``,
+``evaluation`` (predictions and errors on a split), ``device`` (device and DDP group) and ``trainer`` (the
+loop that ties them together).
 """
 
 from importlib import import_module

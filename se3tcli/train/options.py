@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from se3tcli.targets import TARGETS
+from se3tcli.targets import QM9_TARGETS
 
 if TYPE_CHECKING:
     from se3tcli.model.config import ModelConfig
@@ -47,8 +47,12 @@ def _option(default: Any, help: str, **cli: Any) -> Any:
 class TrainOptions:
     dataset: str = _option("qm9", "'qm9' or a labelled .sdf/.extxyz file.")
     targets: tuple[str, ...] = _option(
-        tuple(TARGETS), "Comma-separated targets (default: all of the data set's).", cli_type=str
+        QM9_TARGETS,
+        "Comma-separated targets (default: all of the data set's); a new one as NAME:UNIT, or "
+        "NAME:UNIT:extensive for a sum over atoms.",
+        cli_type=str,
     )
+    user_targets: dict | None = None  # the new targets' {name: {"unit", "extensive"}} (NAME:UNIT above)
     preset: str = _option("small", "Model size: small or base.")
     model_overrides: dict | None = None  # ModelConfig fields that replace the preset's (the cutoff too)
     epochs: int | None = _option(None, "Epochs (default 100; with --resume, the run's own).", min=1)
@@ -71,7 +75,15 @@ class TrainOptions:
     time_limit: float | None = _option(None, "Stop (resumably) after MIN minutes.", min=0.0)
     cache: str | None = _option(None, "QM9 cache directory.", cli_type=Path)
     init_from: str | None = _option(
-        None, "Start from this checkpoint's weights and statistics (same model settings).", cli_type=Path
+        None,
+        "Fine-tune a bundled model or checkpoint: its model settings, its encoder and the heads of the "
+        "targets it has; new targets get new heads.",
+    )
+    freeze_encoder: bool = _option(
+        False, "With --init-from: train only the readout (the heads).", flags=("--freeze-encoder",)
+    )
+    encoder_lr_factor: float = _option(
+        1.0, "The encoder's learning rate as a fraction of --lr (e.g. 0.1 when fine-tuning).", min=0.0
     )
     eval_batch_size: int = _option(256, "Molecules per batch in validation and test.", min=1)
     max_atoms: int | None = _option(
@@ -91,11 +103,54 @@ class TrainOptions:
         if self.ema_decay == 0:
             self.ema_decay = None
 
-    def model_config(self) -> ModelConfig:
-        """The model a new run builds: the preset with the overrides, predicting this run's targets."""
+    def model_config(
+        self, base: ModelConfig | None = None, given: Collection[str] | None = None
+    ) -> ModelConfig:
+        """The model a new run builds, predicting this run's targets: the preset with the overrides or, to
+        fine-tune, ``base`` (the ``--init-from`` model's config) with its settings.
+
+        A target must be QM9's, defined in ``user_targets`` or one of ``base``'s own. With ``base``, a
+        ``--preset`` among ``given`` (see :meth:`resumed`) and model overrides that differ from its
+        settings raise ``ValueError``: the checkpoint's weights fit its own model only.
+        """
         from se3tcli.model.config import preset  # torch: not needed to parse a command line
 
-        return preset(self.preset, **{**(self.model_overrides or {}), "targets": self.targets})
+        targets = {"targets": self.targets, "user_targets": self._user_targets(base)}
+        if base is None:
+            return preset(self.preset, **{**(self.model_overrides or {}), **targets})
+        if "preset" in self._given(given):
+            raise ValueError("--init-from takes its model settings from the checkpoint: drop --preset")
+        settings = base.to_dict()
+        differing = [
+            f"{k} {v} (the checkpoint's: {settings.get(k)})"
+            for k, v in (self.model_overrides or {}).items()
+            if settings.get(k) != v
+        ]
+        if differing:
+            raise ValueError(
+                "--init-from takes its model settings from the checkpoint, and these differ: "
+                + "; ".join(differing)
+            )
+        return base.replace(**targets)
+
+    def _user_targets(self, base: ModelConfig | None) -> dict[str, dict]:
+        """The definitions of this run's targets that QM9 lacks: new ones, or ``base``'s own."""
+        inherited = base.user_targets if base is not None else {}
+        mine = self.user_targets or {}
+        for name, definition in mine.items():
+            if inherited.get(name, definition) != definition:
+                unit = inherited[name]["unit"]
+                raise ValueError(
+                    f"target {name!r} is the --init-from model's, in {unit}: give it without one"
+                )
+        defined = inherited | mine
+        unknown = [t for t in self.targets if t not in QM9_TARGETS and t not in defined]
+        if unknown:
+            known = ", ".join([*QM9_TARGETS, *defined])
+            raise ValueError(
+                f"unknown target {unknown[0]!r}; choose from {known}, or define a new one as NAME:UNIT"
+            )
+        return {t: defined[t] for t in self.targets if t in defined}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,7 +172,13 @@ class TrainOptions:
         overrides (the model config holds it).
         """
         known = {f.name for f in fields(self)}
-        merged: dict[str, Any] = {"ema_decay": None}
+        # What runs saved before an option existed did: no weight average, no new targets, one learning rate.
+        merged: dict[str, Any] = {
+            "ema_decay": None,
+            "user_targets": None,
+            "freeze_encoder": False,
+            "encoder_lr_factor": 1.0,
+        }
         merged |= {k: v for k, v in saved.items() if k in known and k not in RESUME_MAY_CHANGE}
         if "cutoff" in saved:
             merged["model_overrides"] = {**(merged.get("model_overrides") or {}), "cutoff": saved["cutoff"]}
@@ -129,12 +190,16 @@ class TrainOptions:
             options.patience = saved.get("patience")
         return options
 
-    def _refuse_conflicts(self, run: dict[str, Any], given: Collection[str] | None) -> None:
+    def _given(self, given: Collection[str] | None) -> set[str]:
+        """The options a command line set: ``given``, or where None those that differ from the defaults."""
+        if given is not None:
+            return set(given)
         defaults = TrainOptions()
-        if given is None:
-            given = [f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)]
+        return {f.name for f in fields(self) if getattr(self, f.name) != getattr(defaults, f.name)}
+
+    def _refuse_conflicts(self, run: dict[str, Any], given: Collection[str] | None) -> None:
         conflicts = []
-        for name in sorted(set(given) & set(run) - {"command"}):
+        for name in sorted(self._given(given) & set(run) - {"command"}):
             mine, theirs = _comparable(name, getattr(self, name)), _comparable(name, run[name])
             if mine != theirs:
                 flag = "the model settings" if name == "model_overrides" else "--" + name.replace("_", "-")
@@ -154,7 +219,7 @@ def _comparable(name: str, value: Any) -> Any:
         return tuple(value)
     if name == "dataset" and str(value).lower() == "qm9":
         return "qm9"
-    if name == "model_overrides":
+    if name in ("model_overrides", "user_targets"):
         return dict(value or {})
     return value
 

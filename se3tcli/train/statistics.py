@@ -1,4 +1,5 @@
-"""Normalisation and atom references from the training split, and the model a run starts from."""
+"""Normalisation and atom references from the training split, and the model a run starts from: new, or
+fine-tuned from a checkpoint (``--init-from``)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
-from se3tcli.checkpoint import model_from_checkpoint, read_checkpoint
+from se3tcli.data.dataset import LabelledData
 from se3tcli.data.qm9 import QM9Data
 from se3tcli.data.splits import element_counts, fit_atom_refs
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
-from se3tcli.targets import ATOM_REF_TARGETS, TARGETS
+from se3tcli.targets import TARGETS, has_atom_refs
 
 
 def fit_statistics(data: QM9Data, train_idx: np.ndarray, elements: Sequence[int]) -> dict[str, Any]:
@@ -28,7 +30,7 @@ def fit_statistics(data: QM9Data, train_idx: np.ndarray, elements: Sequence[int]
     for column, target in enumerate(data.target_names):
         y = train.targets[:, column]
         if TARGETS[target].extensive:
-            if target in ATOM_REF_TARGETS:
+            if has_atom_refs(target):
                 ref = fit_atom_refs(train.numbers, train.offsets, y, elements)
                 refs[target] = [float(v) for v in ref]
                 y = y - counts @ ref
@@ -56,29 +58,56 @@ def build_model(config: ModelConfig, statistics: dict[str, Any]) -> SE3Transform
 
 
 def initial_model(
-    path: str, config: ModelConfig, data: dict[str, Any]
+    checkpoint: dict[str, Any], source: SE3Transformer, config: ModelConfig, labelled: LabelledData
 ) -> tuple[dict[str, Any], SE3Transformer]:
-    """Weights and statistics of a checkpoint whose model matches ``config`` (for ``--init-from``).
+    """``(statistics, model)`` a fine-tuning run starts from: ``source`` (the ``--init-from`` model, whose
+    settings ``config`` shares) with its encoder and the readout rows of the targets it has, and freshly
+    initialised rows for the targets it lacks, normalised with statistics of this run's training split.
 
-    On the same data set the split must be the checkpoint's own (``data``: this run's data description):
-    another seed or limit draws another split, whose validation and test molecules the checkpoint may
-    have been trained on, so its errors would look better than they are.
+    On the checkpoint's own data set the split must be its own (``labelled``: this run's data): another
+    seed or limit draws another split, whose validation and test molecules the checkpoint may have been
+    trained on, so its errors would look better than they are.
     """
-    state = read_checkpoint(path)
-    model = model_from_checkpoint(state, path)
-    if model.config != config:
-        differing = sorted(k for k, v in config.to_dict().items() if model.config.to_dict()[k] != v)
-        raise ValueError(
-            f"{path}: --init-from model differs from the requested one in {', '.join(differing)}"
-        )
-    trained_on = state.get("training", {}).get("data", {})
+    data = labelled.description
+    trained_on = checkpoint.get("training", {}).get("data", {})
     if trained_on.get("dataset") == data["dataset"] and any(
         trained_on.get(key) != data[key] for key in ("seed", "limit")
     ):
         raise ValueError(
-            f"{path} was trained on the {data['dataset']} split of --seed {trained_on.get('seed')} "
-            f"(--limit {trained_on.get('limit')}); --seed {data['seed']} (--limit {data['limit']}) would "
-            "draw another split, whose validation and test molecules it may have been trained on: use the "
-            "checkpoint's --seed and --limit"
+            f"the --init-from model was trained on the {data['dataset']} split of --seed "
+            f"{trained_on.get('seed')} (--limit {trained_on.get('limit')}); --seed {data['seed']} (--limit "
+            f"{data['limit']}) would draw another split, whose validation and test molecules it may have "
+            "been trained on: use the checkpoint's --seed and --limit"
         )
-    return checkpoint_statistics(state), model
+    kept = checkpoint_statistics(checkpoint)
+    fitted = fit_statistics(labelled.data, labelled.split["train"], config.elements)
+    statistics: dict[str, dict] = {part: {} for part in fitted}  # mean, std, loss_scale, atom_refs
+    for target in config.targets:
+        origin = kept if target in source.targets else fitted  # what the target's row was trained with
+        for part, values in statistics.items():
+            if target in origin[part]:
+                values[target] = origin[part][target]
+    model = build_model(config, statistics)
+    transfer_weights(source, model)
+    return statistics, model
+
+
+# The readout's last layer: one output row per scalar target (see model/heads.py).
+_ROWS = ("readout.mlp.2.weight", "readout.mlp.2.bias")
+
+
+@torch.no_grad()
+def transfer_weights(source: SE3Transformer, model: SE3Transformer) -> None:
+    """Copy ``source``'s weights into ``model`` (same settings, other targets): every weight the two
+    share (encoder, the readout's hidden layer, the dipole head where both have it), and the output row
+    of each scalar target both predict; ``model``'s other rows and its statistics buffers stay."""
+    theirs, mine = source.state_dict(), model.state_dict()
+    statistics = {f"readout.{name}" for name in ("extensive", "mean", "std", "atom_refs")}
+    for key, value in theirs.items():
+        if key in mine and key not in statistics and key not in _ROWS:
+            mine[key].copy_(value)
+    row_of = {t: i for i, t in enumerate(source.readout.scalar_targets)}
+    for i, target in enumerate(model.readout.scalar_targets):
+        if target in row_of:
+            for key in _ROWS:
+                mine[key][i] = theirs[key][row_of[target]]

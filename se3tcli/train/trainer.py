@@ -19,14 +19,21 @@ from torch import nn
 
 from se3tcli import __version__
 from se3tcli.batching import StaticShape, graph_sizes, size_bounded_batches
-from se3tcli.checkpoint import checkpoint_dict, model_from_checkpoint, read_checkpoint
+from se3tcli.checkpoint import (
+    LoadedModel,
+    checkpoint_dict,
+    load_model,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from se3tcli.data.dataset import LabelledData, load_labelled
 from se3tcli.graph import Batch
+from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.prefetch import prefetch
 from se3tcli.train.device import all_reduce_sum, init_distributed, training_device
 from se3tcli.train.ema import WeightAverage
-from se3tcli.train.evaluation import batches, predict_arrays, split_predictions
+from se3tcli.train.evaluation import batches, predict_arrays, split_predictions, write_predictions
 from se3tcli.train.options import TrainOptions
 from se3tcli.train.run_directory import RunDirectory
 from se3tcli.train.schedule import warmup_cosine
@@ -86,12 +93,20 @@ class Trainer:
             self.opts = self.opts.resumed(saved["training"]["options"], self.given)
         opts = self.opts
         torch.manual_seed(opts.seed)
+        source = None  # the --init-from model of a new run
+        if saved is not None:
+            self.statistics = checkpoint_statistics(saved)
+            self.model = model_from_checkpoint(saved, self.run_dir.last)
+            self.config = self.model.config
+        else:  # the config first: it defines the run's new targets, which reading the labels needs
+            source = load_model(opts.init_from) if opts.init_from else None
+            self.config = self._new_config(source)
         self.labelled: LabelledData = load_labelled(
             opts.dataset, opts.targets, opts.seed, opts.limit, opts.cache
         )
-        self.statistics, self.model = self._initial_model(saved)
+        if saved is None:
+            self.statistics, self.model = self._new_model(source)
         self.model.to(self.device)
-        self.config = self.model.config
         # The average starts from the loaded weights: on resume those are the saved average, and the
         # training weights are put back into the model below.
         self.ema = WeightAverage(self.model, opts.ema_decay) if opts.ema_decay else None
@@ -99,7 +114,7 @@ class Trainer:
             [self.statistics["loss_scale"][t] for t in opts.targets], dtype=torch.float64, device=self.device
         )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay
+            self._parameter_groups(), lr=opts.lr, weight_decay=opts.weight_decay
         )
         self._setup_batching()
         self.steps_per_epoch = len(self._epoch_batches(0))
@@ -123,24 +138,62 @@ class Trainer:
             self.best_val, self.bad_epochs, self.elapsed = r["best_val"], r["bad_epochs"], r["elapsed"]
             self.epoch_loss_sum = r.get("epoch_loss_sum", 0.0)
             micro_batches = r.get("micro_batches", 1)
+            self._continue_schedule(saved["training"]["options"]["epochs"])
         elif self.dist.main:
             run_config = {"options": opts.to_dict(), "model": self.config.to_dict()}
             self.run_dir.start(self.labelled.split, opts.seed, run_config)
+        self.metric_columns = self.run_dir.metric_columns(opts.targets)
         self.network: nn.Module = self.model  # what the steps call: the model or its DDP wrapper
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.train_step = self._make_step(micro_batches)
 
-    def _initial_model(self, saved: dict[str, Any] | None) -> tuple[dict[str, Any], SE3Transformer]:
-        """``(statistics, model)``: the run's own on resume, a checkpoint's for ``--init-from``, or new."""
-        if saved is not None:
-            return checkpoint_statistics(saved), model_from_checkpoint(saved, self.run_dir.last)
-        config = self.opts.model_config()
-        if self.opts.init_from:
-            return initial_model(self.opts.init_from, config, self.labelled.description)
-        statistics = fit_statistics(self.labelled.data, self.labelled.split["train"], config.elements)
-        return statistics, build_model(config, statistics)
+    def _continue_schedule(self, run_epochs: int) -> None:
+        """Give the optimizer the learning rates of this run's schedule at the resumed step (another
+        ``--epochs`` recomputes the cosine, so they differ from the saved ones) and say what they are."""
+        scheduler, opts = self.scheduler, self.opts
+        rates = [
+            base * f(self.step) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        note = f"resuming at epoch {self.epoch}, step {self.step} of {self.total_steps}: "
+        note += f"learning rate {rates[0]:.3g}"
+        if self.step >= self.total_steps:
+            note += f"; its {opts.epochs}-epoch schedule is over (a larger --epochs continues it)"
+        elif opts.epochs != run_epochs:
+            note += f", on a cosine over {opts.epochs} epochs instead of the run's {run_epochs}"
+        if self.dist.main:
+            self.reporter.message(note)
+
+    def _new_config(self, source: LoadedModel | None) -> ModelConfig:
+        """A new run's model: this run's targets on the ``--init-from`` model (``source``) or the preset."""
+        if self.opts.freeze_encoder and source is None:
+            raise ValueError("--freeze-encoder needs --init-from (a new encoder would stay random)")
+        return self.opts.model_config(source.model.config if source else None, self.given)
+
+    def _new_model(self, source: LoadedModel | None) -> tuple[dict[str, Any], SE3Transformer]:
+        """``(statistics, model)`` of a new run: fine-tuned from ``source``, or new."""
+        if source is not None:
+            return initial_model(source.checkpoint, source.model, self.config, self.labelled)
+        statistics = fit_statistics(self.labelled.data, self.labelled.split["train"], self.config.elements)
+        return statistics, build_model(self.config, statistics)
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the readout's at ``--lr`` first (the rate the progress shows),
+        then the encoder's at ``--encoder-lr-factor`` times it, or none with ``--freeze-encoder``. One
+        group where the two rates are equal, as runs saved before the factor existed have."""
+        opts = self.opts
+        readout = list(self.model.readout.parameters())
+        encoder = [p for name, p in self.model.named_parameters() if not name.startswith("readout.")]
+        if opts.freeze_encoder:
+            for parameter in encoder:
+                parameter.requires_grad_(False)
+            return [{"params": readout}]
+        if opts.encoder_lr_factor == 1.0:
+            return [{"params": list(self.model.parameters())}]  # the order a resumed optimizer state has
+        return [{"params": readout}, {"params": encoder, "lr": opts.lr * opts.encoder_lr_factor}]
 
     def _make_step(self, micro_batches: int) -> EagerStep | GraphedStep:
         opts = self.opts
@@ -376,7 +429,7 @@ class Trainer:
             "lr": self.scheduler.get_last_lr()[0],
             "train_loss": train_loss,
             "val_score": score,
-            **{f"val_mae_{t}": val[t]["mae"] for t in opts.targets},
+            **{self.metric_columns[t]: val[t]["mae"] for t in opts.targets},
         }
         if self.dist.main:
             self.run_dir.append_metrics(row)
@@ -387,15 +440,17 @@ class Trainer:
         return opts.patience is not None and self.bad_epochs >= opts.patience
 
     def test(self) -> dict[str, dict]:
-        """Test-set errors of ``best.pt`` in physical units, written to ``test_metrics.json``."""
+        """Test-set errors of ``best.pt`` in physical units, written to ``test_metrics.json``, and its
+        predictions, to ``test_predictions.csv``."""
         best = self.run_dir.best
         model = (
             model_from_checkpoint(read_checkpoint(best), best).to(self.device)
             if best.exists()
             else self.eval_model
         )
-        _, _, metrics = split_predictions(
+        pred, _, metrics = split_predictions(
             model, self.labelled, "test", self.opts.eval_batch_size, self.device
         )
         self.run_dir.write_test_metrics(metrics)
+        write_predictions(self.run_dir.test_predictions, self.labelled, "test", pred)
         return metrics

@@ -34,9 +34,9 @@ from se3tcli.graph import Batch, collate, radius_graph
 from se3tcli.model.attention import segment_softmax
 from se3tcli.model.backend import BACKENDS, BackendUnavailable, resolve
 from se3tcli.model.basis import feature_irreps, from_e3nn, to_e3nn
-from se3tcli.model.config import PRESETS, ModelConfig, preset
+from se3tcli.model.config import NONLINEARITIES, PRESETS, ModelConfig, preset
 from se3tcli.model.heads import MU_VECTOR
-from se3tcli.model.norm import GateActivation, NormActivation
+from se3tcli.model.norm import GateActivation, NormActivation, SigmoidNormActivation
 from se3tcli.model.transformer import SE3Transformer, UnsupportedElementError
 from se3tcli.targets import QM9_TARGETS
 
@@ -222,7 +222,7 @@ def test_attention_block_is_equivariant(dtype: torch.dtype, self_interaction: st
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", [NormActivation, GateActivation])
+@pytest.mark.parametrize("activation", [NormActivation, SigmoidNormActivation, GateActivation])
 def test_nonlinearity_is_equivariant(dtype: torch.dtype, activation: type, float64: None) -> None:
     module = activation(TINY.channels, TINY.lmax).to(dtype)
     for p in module.parameters():  # non-trivial LayerNorm affine parameters
@@ -233,13 +233,61 @@ def test_nonlinearity_is_equivariant(dtype: torch.dtype, activation: type, float
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nonlinearity", ["norm", "gate"])
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
 def test_model_is_equivariant(dtype: torch.dtype, nonlinearity: str, float64: None) -> None:
     model = make_model(TINY.replace(nonlinearity=nonlinearity), dtype)
     mols = molecules(2, sizes=(9, 6))
     adapter = ModelAdapter(model, [z for z, _ in mols], dtype)
     pos = torch.from_numpy(np.concatenate([p for _, p in mols]))  # float64 points; collate casts
     check_equivariance(adapter, [pos], f"whole model ({nonlinearity})", dtype)
+
+
+# Methane with exact tetrahedral symmetry: every l > 0 feature of the carbon is zero.
+_CH4 = (
+    np.array([6, 1, 1, 1, 1]),
+    np.array(
+        [
+            [0.0, 0.0, 0.0],
+            [0.63, 0.63, 0.63],
+            [-0.63, -0.63, 0.63],
+            [-0.63, 0.63, -0.63],
+            [0.63, -0.63, -0.63],
+        ]
+    ),
+)
+
+
+@pytest.mark.parametrize("nonlinearity", ["norm_sigmoid", "gate"])
+def test_prediction_is_continuous_at_symmetric_geometries(nonlinearity: str, float64: None) -> None:
+    """Moving methane's atoms by 1e-7 Å moves every prediction by a comparably tiny amount. (The legacy
+    ``norm`` activation turns a vector that symmetry makes zero into one of length ~1 whose direction is
+    set by the perturbation, so its predictions jump.)"""
+    model = make_model(TINY.replace(nonlinearity=nonlinearity))
+    for p in model.parameters():  # non-trivial LayerNorm affine parameters
+        if p.ndim == 1:
+            torch.nn.init.normal_(p, mean=0.5, std=0.5)
+    z, pos = _CH4
+    noise = np.random.default_rng(0).normal(size=pos.shape)
+    exact = predict(model, [(z, pos)])
+    for step in (1e-7, 1e-5):
+        moved = predict(model, [(z, pos + step * noise)])
+        assert max_rel_diff(moved, exact) < 1e3 * step, (nonlinearity, step)
+
+
+def test_legacy_norm_activation_jumps_at_zero_vectors(float64: None) -> None:
+    """Why ``norm`` is no longer the default: a zero vector and a 1e-5 one come out ~0.4 apart."""
+    module = NormActivation(4, 1).to(torch.float64)
+    smooth = SigmoidNormActivation(4, 1).to(torch.float64)
+    for norm in (module.norms[1], smooth.norms[1]):  # a learned LayerNorm shift, as in trained models
+        torch.nn.init.constant_(norm.bias, 1.0)
+    zero = torch.zeros(1, 4, 4, dtype=torch.float64)
+    zero[:, :, 0] = torch.tensor([0.3, -1.0, 2.0, 0.1])  # scalars; the l = 1 vectors are zero
+    tiny = zero.clone()
+    tiny[:, :, 1:] = 1e-5  # above the norm's 1e-6 regularisation, below any meaningful feature
+    with torch.no_grad():
+        jump = float((module(tiny) - module(zero)).abs().max())
+        assert jump > 0.1
+        assert float((smooth(tiny) - smooth(zero)).abs().max()) < 1e-4
 
 
 def test_mirror_image(float64: None) -> None:

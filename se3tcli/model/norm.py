@@ -1,5 +1,9 @@
 """Equivariant nonlinearities: norm-based (with layer norm on the norms) or gated.
 
+``norm`` (``SiLU(LN(|v|)) / |v|``) is discontinuous at ``|v| = 0``: a vector that symmetry makes zero
+(methane's carbon) comes out with a length of order one and a direction set by rounding noise. It is
+kept for the checkpoints that use it; ``norm_sigmoid`` and ``gate`` are continuous everywhere.
+
 Both act on degrees ``0..lmax`` and pass any higher degree through unchanged; the first layer, whose input
 holds only scalars, uses ``lmax = 0`` (its higher degrees are zero, and would stay zero either way).
 """
@@ -16,23 +20,37 @@ _NORM_EPS = 1e-12  # keeps the norm's gradient finite at zero features
 
 
 class NormActivation(nn.Module):
-    """Scalars: LayerNorm then SiLU. Degree l > 0: each channel's vector is rescaled by
-    ``SiLU(LayerNorm(|v|)) / |v|``, which changes lengths but never directions, so it commutes with
-    rotations."""
+    """Scalars: LayerNorm then SiLU. Degree l > 0: each channel's vector is multiplied by an invariant
+    factor of its length, :meth:`scale` of ``LayerNorm(|v|)``, so directions never change and the map
+    commutes with rotations. Here the factor is ``SiLU(LayerNorm(|v|)) / |v|`` (the new length is the
+    SiLU), which is discontinuous at ``|v| = 0``."""
 
     def __init__(self, channels: int, lmax: int):
         super().__init__()
         self.lmax = lmax
         self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in range(lmax + 1))
 
+    @staticmethod
+    def scale(normed: torch.Tensor, length: torch.Tensor) -> torch.Tensor:  # [n, C] each -> [n, C]
+        return F.silu(normed) / length
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, C, D] -> [n, C, D]
         blocks = [F.silu(self.norms[0](x[:, :, 0])).unsqueeze(2)]
         for l in range(1, self.lmax + 1):
             v = x[:, :, degree_slice(l)]  # [n, C, 2l+1]
             length = torch.sqrt(v.pow(2).sum(-1) + _NORM_EPS)  # [n, C], invariant
-            blocks.append(v * (F.silu(self.norms[l](length)) / length).unsqueeze(2))
+            blocks.append(v * self.scale(self.norms[l](length), length).unsqueeze(2))
         blocks.append(x[:, :, (self.lmax + 1) ** 2 :])
         return torch.cat(blocks, dim=2)
+
+
+class SigmoidNormActivation(NormActivation):
+    """:class:`NormActivation` with the factor ``sigmoid(LayerNorm(|v|))``, in (0, 1): the output is
+    continuous everywhere (zero at zero)."""
+
+    @staticmethod
+    def scale(normed: torch.Tensor, length: torch.Tensor) -> torch.Tensor:  # [n, C] each -> [n, C]
+        return torch.sigmoid(normed)
 
 
 class GateActivation(nn.Module):
@@ -56,5 +74,8 @@ class GateActivation(nn.Module):
         return torch.cat(blocks, dim=2)
 
 
+ACTIVATIONS = {"norm": NormActivation, "norm_sigmoid": SigmoidNormActivation, "gate": GateActivation}
+
+
 def make_activation(kind: str, channels: int, lmax: int) -> nn.Module:
-    return NormActivation(channels, lmax) if kind == "norm" else GateActivation(channels, lmax)
+    return ACTIVATIONS[kind](channels, lmax)

@@ -228,6 +228,19 @@ def test_fine_tuning_keeps_the_encoder_and_known_heads_and_adds_new_ones(
     assert out.read_text().splitlines()[0].endswith(",homo_eV,sol_log_mol_per_L,hf_eV")
 
 
+def test_fine_tuning_without_targets_keeps_the_models_own(
+    tmp_path: Path, pretrained: Path, tiny: dict
+) -> None:
+    """No --targets: the --init-from model's targets (homo and gap here), not all of QM9's."""
+    data = _labelled_file(
+        tmp_path / "mine.extxyz", 30, seed=3, homo=lambda v, n: v, gap=lambda v, n: 2 * v + 1
+    )
+    options = _options(data, tmp_path / "ft", tiny, init_from=str(pretrained), epochs=1, model_overrides=None)
+    trainer = Trainer(options, given={"dataset", "init_from", "epochs"})
+    trainer.setup()
+    assert trainer.opts.targets == trainer.config.targets == ("homo", "gap")
+
+
 def test_a_frozen_encoder_stays_and_a_lower_encoder_rate_is_its_own_group(
     tmp_path: Path, pretrained: Path, tiny: dict
 ) -> None:

@@ -118,7 +118,7 @@ class TrainOptions:
         targets = {"targets": self.targets, "user_targets": self._user_targets(base)}
         if base is None:
             return preset(self.preset, **{**(self.model_overrides or {}), **targets})
-        if "preset" in self._given(given):
+        if "preset" in self.given_names(given):
             raise ValueError("--init-from takes its model settings from the checkpoint: drop --preset")
         settings = base.to_dict()
         differing = [
@@ -190,7 +190,7 @@ class TrainOptions:
             options.patience = saved.get("patience")
         return options
 
-    def _given(self, given: Collection[str] | None) -> set[str]:
+    def given_names(self, given: Collection[str] | None) -> set[str]:
         """The options a command line set: ``given``, or where None those that differ from the defaults."""
         if given is not None:
             return set(given)
@@ -199,7 +199,7 @@ class TrainOptions:
 
     def _refuse_conflicts(self, run: dict[str, Any], given: Collection[str] | None) -> None:
         conflicts = []
-        for name in sorted(self._given(given) & set(run) - {"command"}):
+        for name in sorted(self.given_names(given) & set(run) - {"command"}):
             mine, theirs = _comparable(name, getattr(self, name)), _comparable(name, run[name])
             if mine != theirs:
                 flag = "the model settings" if name == "model_overrides" else "--" + name.replace("_", "-")

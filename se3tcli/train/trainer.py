@@ -11,6 +11,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -100,6 +101,8 @@ class Trainer:
             self.config = self.model.config
         else:  # the config first: it defines the run's new targets, which reading the labels needs
             source = load_model(opts.init_from) if opts.init_from else None
+            if source is not None and "targets" not in opts.given_names(self.given):
+                self.opts = opts = replace(opts, targets=source.targets)  # the model's own, new ones too
             self.config = self._new_config(source)
         self.labelled: LabelledData = load_labelled(
             opts.dataset, opts.targets, opts.seed, opts.limit, opts.cache

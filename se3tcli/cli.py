@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import shlex
 import signal
 import sys
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from se3tcli import __version__
+from se3tcli.notices import NOTICES
 from se3tcli.train.options import TrainOptions
 
 app = typer.Typer(
@@ -82,6 +84,16 @@ def guarded(command):
     return wrapper
 
 
+class _NoticesOnStderr(logging.Handler):
+    """se3t's notices (:mod:`se3tcli.notices`) as lines on stderr, printed above any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(Text(self.format(record), style="dim"), highlight=False, soft_wrap=True)
+
+
+_NOTICE_HANDLER = _NoticesOnStderr()
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"se3t {__version__}")
@@ -95,6 +107,8 @@ def main(
     ] = False,
 ) -> None:
     """Predict quantum-chemical properties of molecules, train models on QM9, check equivariance."""
+    NOTICES.setLevel(logging.INFO)
+    NOTICES.addHandler(_NOTICE_HANDLER)  # once: a handler already there is not added again
 
 
 def _sigterm_as_interrupt() -> None:
@@ -425,7 +439,10 @@ def evaluate(
         int | None, typer.Option(min=1, help="Evaluate the first N molecules of the split.")
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    plots: Annotated[Path | None, typer.Option(help="Write a parity plot PNG per target here.")] = None,
+    plots: Annotated[
+        Path | None,
+        typer.Option(help="Write a PNG per target here: parity (N, MAE, RMSE, R²) and residuals."),
+    ] = None,
     predictions: Annotated[
         Path | None, typer.Option(help="Write every molecule's true and predicted values to this CSV.")
     ] = None,
@@ -452,18 +469,22 @@ def evaluate(
     pred, truth, metrics = split_predictions(loaded.model, labelled, split, batch_size, torch_device, limit)
     if predictions:
         write_predictions(predictions, labelled, split, pred, limit)
+    written = []
     if plots:
         from se3tcli.plots import parity_plots
 
-        parity_plots(pred, truth, labelled.data.target_names, plots)
+        written = parity_plots(pred, truth, labelled.data.target_names, metrics, plots)
     n = len(truth)
     if json_output:
         print(json.dumps({"model": str(loaded.path), "split": split, "n": n, "metrics": metrics}))
-        return
-    console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {n} molecules"))
-    for what, where in (("predictions", predictions), ("parity plots", plots)):
-        if where:
-            console.print(f"{what} written to {where}", markup=False)
+    else:
+        console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {n} molecules"))
+    screen = err_console if json_output else console  # with --json, standard output is the JSON alone
+    lines = [f"predictions written to {predictions}"] if predictions else []
+    if written:
+        lines.append(f"parity plots written to {plots}: {', '.join(path.name for path in written)}")
+    for line in lines:
+        screen.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------- check-equivariance

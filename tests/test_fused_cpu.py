@@ -25,7 +25,9 @@ import pytest
 import torch
 from conftest import random_molecule  # noqa: I001 - the tests folder's shared helpers
 from helpers import TINY_MODEL, kernel_calls, make_model, max_rel_diff, needs_compiler, with_edge_order
+from typer.testing import CliRunner
 
+from se3tcli.cli import app
 from se3tcli.graph import collate
 from se3tcli.model import fused_cpu
 from se3tcli.model.backend import DISABLE_ENV, BackendUnavailable, LayerCall, resolve
@@ -34,6 +36,8 @@ from se3tcli.paths import CACHE_ENV
 
 CONFIG = TINY_MODEL
 LOGGER = "se3tcli.model.fused_cpu.library"
+NOTICES = "se3tcli.notices"
+COMPILING = "compiling se3t's CPU attention kernel (once"
 
 
 @pytest.fixture
@@ -280,14 +284,34 @@ def test_a_failing_build_falls_back_to_pytorch(monkeypatch, cache_dir: Path, cap
     assert_falls_back_to_pytorch("did not build before")
 
 
+def test_the_command_line_announces_a_build_on_stderr(monkeypatch, cache_dir: Path) -> None:
+    """``se3t info --json`` builds the kernel (with a compiler that fails, here: `false`): the notice goes
+    to stderr, once, and standard output stays the JSON alone."""
+    monkeypatch.setenv("CC", shutil.which("false") or "false")
+    runner = CliRunner()
+    first = runner.invoke(app, ["info", "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["cpu_attention_kernel"].startswith("PyTorch")
+    assert first.stderr.startswith(COMPILING) and first.stderr.count(COMPILING) == 1
+    library.kernel_library.cache_clear()
+    again = runner.invoke(app, ["info", "--json"])  # the failed build is remembered: no second attempt
+    assert again.exit_code == 0 and COMPILING not in again.stderr
+
+
 @needs_compiler
-def test_the_library_is_built_once_into_the_cache(cache_dir: Path) -> None:
-    assert library.kernel_library().cdll is not None
+def test_the_library_is_built_once_into_the_cache(cache_dir: Path, caplog) -> None:
+    """Built, with a notice, on first use; loaded from the cache, silently, afterwards."""
+    with caplog.at_level(logging.INFO, logger=NOTICES):
+        assert library.kernel_library().cdll is not None
+    assert [r.getMessage() for r in caplog.records if r.name == NOTICES][0].startswith(COMPILING)
     built = list((cache_dir / "kernels").glob("fused_attention-*.so"))
     assert len(built) == 1 and cache.sidecar(built[0]).exists()
     stamp = built[0].stat().st_mtime_ns
     library.kernel_library.cache_clear()
-    assert library.kernel_library().cdll is not None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=NOTICES):
+        assert library.kernel_library().cdll is not None
+    assert not [r for r in caplog.records if r.name == NOTICES]
     assert built[0].stat().st_mtime_ns == stamp
     assert sorted(p.name for p in (cache_dir / "kernels").iterdir()) == [
         built[0].name,

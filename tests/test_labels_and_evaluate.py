@@ -145,3 +145,19 @@ def test_evaluate_says_which_labels_a_file_lacks(samples: Path) -> None:
     result = runner.invoke(app, [*args, "--targets", "homo,alpha"])
     assert result.exit_code == 2, result.output
     assert "carry all of homo, alpha" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_evaluate_says_where_the_plots_went(tmp_path: Path, samples: Path, json_output: bool) -> None:
+    """On standard output after the table; with --json on stderr, so that standard output stays JSON."""
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "plots"
+    args = ["evaluate", "--model", "qm9-default", "--dataset", str(samples / "qm9_sample.sdf")]
+    args += ["--targets", "homo,gap", "--split", "all", "--plots", str(folder), "--device", "cpu"]
+    result = runner.invoke(app, [*args, *(["--json"] if json_output else [])])
+    assert result.exit_code == 0, result.output
+    said = f"parity plots written to {folder}: parity_homo.png, parity_gap.png"
+    assert said in (result.stderr if json_output else result.stdout).splitlines()
+    if json_output:
+        assert json.loads(result.stdout)["n"] == 10
+    assert sorted(path.name for path in folder.iterdir()) == ["parity_gap.png", "parity_homo.png"]

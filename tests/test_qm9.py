@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,27 @@ def test_unusable_cache_is_rebuilt(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setattr(qm9, "build_cache", lambda path, progress=None: calls.append(path) or rebuilt)
     assert load_qm9(tmp_path) is rebuilt and calls == [cache]
     assert load_qm9(tmp_path, rebuild=True) is rebuilt
+
+
+def test_building_the_cache_is_announced_only_when_it_happens(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
+) -> None:
+    """One notice per parse of the CSVs (toy ones), none where qm9pack is missing or the cache is read."""
+    monkeypatch.setattr(qm9, "_qm9pack_data_dir", _no_qm9pack)
+    with caplog.at_level(logging.INFO, logger="se3tcli.notices"), pytest.raises(QM9Unavailable):
+        load_qm9(tmp_path)
+    assert not caplog.records
+    for name in qm9.QM9_CSV_FILES:
+        (tmp_path / name).touch()
+    toy = _toy([2, 3])
+    monkeypatch.setattr(qm9, "_qm9pack_data_dir", lambda: tmp_path)
+    monkeypatch.setattr(qm9, "_parse_csv_files", lambda paths, expected, progress: toy)
+    with caplog.at_level(logging.INFO, logger="se3tcli.notices"):
+        assert load_qm9(tmp_path) is toy
+    (notice,) = caplog.records
+    assert notice.getMessage().startswith(f"building the QM9 cache {tmp_path / CACHE_FILE} (once")
+    caplog.clear()
+    monkeypatch.setattr(qm9, "_read_cache", lambda path: toy)  # the toy cache holds too few molecules
+    with caplog.at_level(logging.INFO, logger="se3tcli.notices"):
+        assert load_qm9(tmp_path) is toy
+    assert not caplog.records

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from se3tcli.files import atomic_write
+from se3tcli.notices import NOTICES
 from se3tcli.paths import CACHE_ENV as CACHE_ENV  # re-exported: se3tcli.data.qm9.CACHE_ENV
 from se3tcli.paths import default_cache_dir
 from se3tcli.targets import QM9_TARGETS, TARGETS
@@ -156,12 +157,14 @@ def load_qm9(
 
 
 def build_cache(cache_path: Path, progress: Callable[[int, int], None] | None = None) -> QM9Data:
-    """Parse the ``qm9pack`` CSVs and write them to ``cache_path`` atomically; returns the parsed data."""
+    """Parse the ``qm9pack`` CSVs and write them to ``cache_path`` atomically (announced in a notice of
+    :mod:`se3tcli.notices`); returns the parsed data."""
     data_dir = _qm9pack_data_dir()
     paths = [data_dir / name for name in QM9_CSV_FILES]
     missing = [path.name for path in paths if not path.is_file()]
     if missing:
         raise QM9Unavailable(f"the qm9pack install lacks {', '.join(missing)}; {QM9_HINT}")
+    NOTICES.info("building the QM9 cache %s (once, ~10 s)...", cache_path)
     data = _parse_csv_files(paths, QM9_N_MOLECULES, progress)
     write_npz_atomic(
         Path(cache_path),

@@ -1,12 +1,13 @@
 """Build, cache and load the fused CPU kernel (``se3tcli/model/fused_attention.c``).
 
 The C source is compiled on first use with the system's C compiler into the ``kernels`` folder of the se3t
-cache directory (about a second; keyed by the source, the compiler, the flags, the C library and the CPU,
-since it is built for this CPU), kept private and checked before every load (:mod:`.cache`), loaded with
-ctypes and bound (:mod:`.abi`). :func:`kernel_library` never raises: every failure to build, verify, load or
-bind gives a :class:`KernelLibrary` without a library, the reason, and a one-line warning (an info message
-where no compiler is found, or where a build failed before: that is remembered in a ``.failed`` file beside
-the library, with the compiler's message, so that later runs skip it quietly until the file is deleted).
+cache directory (a few seconds, announced in a notice of :mod:`se3tcli.notices`; keyed by the source, the
+compiler, the flags, the C library and the CPU, since it is built for this CPU), kept private and checked
+before every load (:mod:`.cache`), loaded with ctypes and bound (:mod:`.abi`). :func:`kernel_library` never
+raises: every failure to build, verify, load or bind gives a :class:`KernelLibrary` without a library, the
+reason, and a one-line warning (an info message where no compiler is found, or where a build failed before:
+that is remembered in a ``.failed`` file beside the library, with the compiler's message, so that later runs
+skip it quietly until the file is deleted).
 
 Built with ``-fopenmp``, the library binds to the ``libgomp.so.1`` that PyTorch has loaded where PyTorch uses
 GNU OpenMP under that name (the Linux CPU wheels), so the kernel and PyTorch's operations take turns on one
@@ -43,6 +44,7 @@ from se3tcli.model.fused_cpu.cache import (
     sidecar,
     write_private,
 )
+from se3tcli.notices import NOTICES
 from se3tcli.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,7 @@ def _open(compiler: list[str], entry: CacheEntry) -> int:
             path.unlink(missing_ok=True)
         what = "the cached kernel" if isinstance(error, UnverifiedFile) else "the cached kernel's files"
         raise KernelUnavailable(f"{error}: deleted {what}, which the next run rebuilds") from None
+    NOTICES.info("compiling se3t's CPU attention kernel (once, ~10 s)...")
     _build(compiler, entry)
     return open_verified(entry.library)
 

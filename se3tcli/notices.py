@@ -1,0 +1,7 @@
+"""Notices of slow work done once (compiling the CPU attention kernel, building the QM9 cache), so that
+a wait is explained: one line each, logged at INFO on :data:`NOTICES`. The command line shows them on
+stderr (``se3tcli.cli``); a Python program sees them where it enables INFO logging."""
+
+import logging
+
+NOTICES = logging.getLogger("se3tcli.notices")

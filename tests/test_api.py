@@ -152,3 +152,21 @@ def test_one_molecule_alone_and_paths_that_are_not_files(tiny_checkpoint: Path, 
     assert list(frame.columns) == columns
     assert model.predict_frame([None], targets="homo")["homo_eV"].dtype == np.float64  # NaN, not None
     assert pd.isna(model.predict_frame([None], targets="homo")["homo_eV"][0])
+
+
+def test_a_molecule_with_several_conformers_gives_one_row_per_conformer(tiny_checkpoint: Path) -> None:
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    ethanol = Chem.AddHs(Chem.MolFromSmiles("CCO"))
+    ids = list(AllChem.EmbedMultipleConfs(ethanol, 3, randomSeed=1))
+    ethanol.SetProp("_Name", "ethanol")
+    unnamed = Chem.Mol(ethanol)
+    unnamed.ClearProp("_Name")
+    rows = model.predict([_embedded("CO"), ethanol, unnamed])
+    assert [r.name for r in rows] == [
+        "<rdkit>#1",  # one conformer: one row, no suffix
+        *(f"ethanol#conf{i}" for i in ids),
+        *(f"<rdkit>#3#conf{i}" for i in ids),
+    ]
+    assert [r.record for r in rows] == [1, 2, 2, 2, 3, 3, 3] and all(r.ok for r in rows)
+    assert len({r.values["homo"] for r in rows[1:4]}) == 3  # each conformer's own geometry
+    assert [r.values for r in rows[1:4]] == [r.values for r in rows[4:]]

@@ -287,6 +287,38 @@ def test_xyz_frame_with_more_or_fewer_atom_lines_is_one_error_row(tmp_path):
     assert rows[3].message.endswith("file ends after 1 of 3 atom lines")
 
 
+def test_xyz_signed_counts_and_atomic_numbers_are_read_decimal_counts_are_errors(tmp_path):
+    """``+3`` is a count to Python and ASE, ``8 0.0 0.0 0.0`` oxygen as Open Babel reads it; a count of
+    ``3.0`` (which ASE refuses) is its frame's error, and every frame after it keeps its row."""
+    numbers = "3\nnumbers\n8 0.0 0.0 0.0\n1 0.96 0.0 0.0\n 1 -0.24 0.93 0.0\n"
+    path = tmp_path / "odd.xyz"
+    path.write_text(
+        _xyz_frame("O H H", WATER, "signed").replace("3", "+3", 1)
+        + _xyz_frame("O H H", WATER, "decimal").replace("3", "3.0", 1)
+        + numbers
+        + numbers.replace("numbers", "no element").replace("\n1 0.96", "\n200 0.96")
+        + numbers.replace("numbers", "Properties=species:S:1:pos:R:3")  # named columns: taken as given
+        + _xyz_frame("O H H", WATER, "decimal again").replace("3", "3.", 1)
+        + _xyz_frame("O H H", WATER, "last")
+    )  # fmt: skip
+    rows = _read(path)
+    assert [(m.name, m.status) for m in rows] == [
+        ("signed", STATUS_OK),
+        ("odd.xyz#2", STATUS_ERROR),
+        ("numbers", STATUS_OK),
+        ("no element", STATUS_ERROR),
+        ("odd.xyz#5", STATUS_ERROR),
+        ("odd.xyz#6", STATUS_ERROR),
+        ("last", STATUS_OK),
+    ]
+    assert rows[0].formula == rows[2].formula == "H2O"
+    np.testing.assert_allclose(rows[2].positions, WATER)
+    assert rows[1].message == "odd.xyz record 2: the atom count '3.0' is not an integer"
+    assert rows[3].message == "odd.xyz record 4 (no element): atomic number 200 is not an element (atom 2)"
+    assert rows[4].message == "odd.xyz record 5: unknown element symbol '8'"
+    assert rows[5].message == "odd.xyz record 6: the atom count '3.' is not an integer"
+
+
 # -------------------------------------------------------------------------------------------- SMILES
 
 
@@ -656,6 +688,27 @@ def test_sdf_line_longer_than_the_limit_is_that_records_error(tmp_path):
         ("c", STATUS_OK),
     ]
     assert rows[1].message.endswith(f"a line longer than {MAX_LINE_CHARS} bytes")
+
+
+def test_sdf_overlong_header_line_after_a_record_without_dollars_is_its_own_records_error(tmp_path):
+    """A name (or program, or comment) line over the limit belongs to the record it heads: that record is
+    the error, the one before it (which lacks its $$$$) and the ones after keep their rows."""
+    long_name, long_program = "n" * (MAX_LINE_CHARS + 10), "p" * (MAX_LINE_CHARS + 10)
+    no_dollars = _sdf_record("b").replace("$$$$\n", "")
+    lines = _sdf_record("d").split("\n")
+    with_long_program = "\n".join([lines[0], long_program, *lines[2:]])
+    path = tmp_path / "names.sdf"
+    path.write_text(_sdf_record("a") + no_dollars + _sdf_record(long_name) + no_dollars + with_long_program)
+    rows = _read(path)
+    assert [(m.name, m.status) for m in rows] == [
+        ("a", STATUS_OK),
+        ("b", STATUS_OK),
+        ("names.sdf#3", STATUS_ERROR),
+        ("b", STATUS_OK),
+        ("names.sdf#5", STATUS_ERROR),
+    ]
+    assert rows[2].message == f"names.sdf record 3: a line longer than {MAX_LINE_CHARS} bytes"
+    assert rows[4].message == f"names.sdf record 5: a line longer than {MAX_LINE_CHARS} bytes"
 
 
 def test_sdf_data_values_that_look_like_counts_lines_do_not_split_a_record(tmp_path):

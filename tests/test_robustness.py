@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import gzip
 import inspect
 import json
@@ -11,6 +12,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -29,6 +31,7 @@ from se3tcli.files import atomic_write
 from se3tcli.io import read_molecules
 from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
 from se3tcli.io.filereader import read_file
+from se3tcli.io.reading import reader_of
 from se3tcli.io.smiles import SMILES_READER
 from se3tcli.model.config import PRESETS, ModelConfig
 from se3tcli.model.transformer import SE3Transformer
@@ -238,6 +241,63 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch, tiny_model):
     assert result.exit_code == 1
     assert "No space left on device" in result.output and "o.csv" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["water.xyz"]
+
+
+def test_temporaries_of_a_writer_killed_hard_are_removed_by_the_next_write(tmp_path):
+    """``kill -9`` leaves the temporary file; the next write of the same target removes it, and only such
+    files: not those of a live writer (its pid, or its lock), another host, another target or old names."""
+    target = tmp_path / "out.csv"
+    writer = "import sys, time; from se3tcli.files import AtomicFile; print(AtomicFile(sys.argv[1]).tmp.name)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", writer + "; sys.stdout.flush(); time.sleep(60)", str(target)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    left = process.stdout.readline().strip()
+    host, _, _ = left.removeprefix(".out.csv.").split("-")
+    with atomic_write(target) as handle:  # while its writer lives, its temporary file stays
+        handle.write("first")
+    assert (tmp_path / left).exists()
+    process.kill()
+    process.wait()
+    process.stdout.close()
+    dead = process.pid
+    stale = f".out.csv.{host}-{dead}-89abcdef.tmp"
+    kept = [
+        f".out.csv.{host}-{os.getpid()}-0123abcd.tmp",  # a live pid
+        f".out.csv.{host}-{dead}-0123abcd.tmp",  # held by a live process (in another pid namespace, say)
+        f".out.csv.{'ffffffff' if host != 'ffffffff' else '00000000'}-{dead}-0123abcd.tmp",  # another host
+        f".out.csv.bak.{host}-{dead}-0123abcd.tmp",  # another target's
+        ".out.csv.0123456789ab.tmp",  # an older se3t's name, which says nothing about its writer
+    ]
+    for name in (stale, *kept):
+        (tmp_path / name).write_text("partial")
+    with open(tmp_path / kept[1]) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with atomic_write(target) as handle:
+            handle.write("second")
+    assert target.read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.csv", *kept])
+
+
+@pytest.mark.parametrize("suffix", [".xyz", ".sdf"])
+def test_an_input_cut_short_while_it_is_read_ends_with_an_error_row(tmp_path, samples, suffix):
+    """Truncated between records after the first row: the rows so far and one error row for the rest,
+    even for rows already in the reader's buffer; a file that grows is read to its end."""
+    path = tmp_path / f"input{suffix}"
+    text = _xyz_frames(3) if suffix == ".xyz" else (samples / "qm9_sample.sdf").read_text()
+    path.write_text(text)
+    rows = read_file(path, reader_of(path), embed=False, seed=0)
+    first = next(rows)
+    assert first.ok and first.index == 0
+    first_record = text.index("methane_1") - 2 if suffix == ".xyz" else text.index("$$$$\n") + 5
+    os.truncate(path, first_record)
+    (rest,) = list(rows)
+    assert rest.status == "error" and rest.index == 1
+    assert rest.message == (
+        f"input{suffix} record 2: cannot read the rest of the file: "
+        "it was cut short while it was read (truncated, or rewritten in place)"
+    )
 
 
 @pytest.mark.slow

@@ -36,8 +36,9 @@ class FileReader:
 
 
 def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
-    """The rows of one file, plus an error row where the file cannot be opened, where reading it fails
-    (at the record where it happened; the rest of the file is lost), or when it has no records at all."""
+    """The rows of one file, plus an error row where the file cannot be opened, where reading it fails or
+    the file is cut short while it is read (at the record where it happened; the rest of the file is lost),
+    or when it has no records at all. Records appended while it is read are read."""
     source = str(path)
     try:
         # not even opened unless regular: opening a FIFO blocks, and a device like /dev/zero never ends
@@ -49,7 +50,7 @@ def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> I
         yield Record(source, 0).error("cannot open file: not a regular file (a pipe, device or socket)")
         return
     with handle:
-        yield from _rows_to_the_end(handle, source, reader, embed, seed)
+        yield from _rows_to_the_end(handle, source, reader, embed, seed, _shrink_check(handle))
 
 
 def read_stream(stream: IO[bytes], reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
@@ -59,18 +60,47 @@ def read_stream(stream: IO[bytes], reader: FileReader, embed: bool, seed: int) -
 
 
 def _rows_to_the_end(
-    handle: IO, source: str, reader: FileReader, embed: bool, seed: int
+    handle: IO,
+    source: str,
+    reader: FileReader,
+    embed: bool,
+    seed: int,
+    shrank: Callable[[], bool] = lambda: False,
 ) -> Iterator[Molecule]:
+    """The rows of ``handle``; once ``shrank()`` says that the file was cut short, the row read then and
+    the rest become one error row, as they may come from a part of the file that is gone or rewritten."""
     count = 0  # rows so far, which is the index of the next record
     try:
         for row in reader.rows(handle, source, embed, seed):
+            if shrank():
+                break
             yield row
             count += 1
+        problem = _SHRANK if shrank() else ""
     except Exception as exc:  # I/O or decompression errors of the underlying stream
-        yield Record(source, count).error(f"cannot read the rest of the file: {_stream_problem(exc)}")
-        return
-    if count == 0:
+        problem = _SHRANK if shrank() else _stream_problem(exc)
+    if problem:
+        yield Record(source, count).error(f"cannot read the rest of the file: {problem}")
+    elif count == 0:
         yield Record(source, 0).error("no molecules found")
+
+
+_SHRANK = "it was cut short while it was read (truncated, or rewritten in place)"
+
+
+def _shrink_check(handle: IO) -> Callable[[], bool]:
+    """Whether the open file is now shorter than it was at open or at an earlier call (it may grow: records
+    appended while it is read are read)."""
+    fd = handle.fileno()
+    longest = os.fstat(fd).st_size
+
+    def shrank() -> bool:
+        nonlocal longest
+        size = os.fstat(fd).st_size
+        longest = max(longest, size)
+        return size < longest
+
+    return shrank
 
 
 def _stream_problem(exc: Exception) -> str:

@@ -33,8 +33,9 @@ def molecules_from_objects(
     conformer_timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Iterator[Molecule]:
     """Rows for each item in order: a file (a ``Path``, or a string naming an existing file with a
-    supported suffix) gives one row per record, anything else one row; the record number of a row is the
-    item's position in ``items`` (or, within a file, the record's). SMILES conformers are generated in
+    supported suffix) gives one row per record, an RDKit molecule with several conformers one row per
+    conformer (named ``NAME#conf<id>``), anything else one row; the record number of a row is the item's
+    position in ``items`` (or, within a file, the record's). SMILES conformers are generated in
     ``workers`` processes with ``conformer_timeout`` seconds each (see :func:`embed_pending`)."""
     return embed_pending(_rows(items, embed, seed), workers, conformer_timeout)
 
@@ -46,7 +47,7 @@ def _rows(items: Iterable[object], embed: bool, seed: int) -> Iterator[Row]:
         elif isinstance(item, str):
             yield row_from_smiles(item, index, seed)
         elif isinstance(item, Chem.Mol):
-            yield guarded(molecule_from_rdkit, Record(RDKIT_SOURCE, index), Chem.Mol(item), embed, seed)
+            yield from _rdkit_rows(item, Record(RDKIT_SOURCE, index), embed, seed)
         elif isinstance(item, ase.Atoms):
             name = str(item.info.get("name", "")) or item.get_chemical_formula()
             yield guarded(molecule_from_atoms, Record(ASE_SOURCE, index), item, name)
@@ -55,6 +56,19 @@ def _rows(items: Iterable[object], embed: bool, seed: int) -> Iterator[Row]:
             yield Record(PYTHON_SOURCE, index).error(
                 f"cannot predict a {kind}: give an RDKit Mol, ASE Atoms, a SMILES string or a file path"
             )
+
+
+def _rdkit_rows(mol: Chem.Mol, record: Record, embed: bool, seed: int) -> Iterator[Molecule]:
+    """One row for a molecule with at most one conformer; else one per conformer, in the molecule's order,
+    each named ``NAME#conf<id>`` (NAME: the molecule's ``_Name``, else the record's default name)."""
+    if mol.GetNumConformers() <= 1:
+        yield guarded(molecule_from_rdkit, record, Chem.Mol(mol), embed, seed)
+        return
+    name = (mol.GetProp("_Name").strip() if mol.HasProp("_Name") else "") or record.default_name
+    for conformer in mol.GetConformers():
+        one = Chem.Mol(mol, confId=conformer.GetId())  # a copy with only this conformer
+        one.SetProp("_Name", f"{name}#conf{conformer.GetId()}")
+        yield guarded(molecule_from_rdkit, record, one, embed, seed)
 
 
 def _file_rows(path: Path, embed: bool, seed: int) -> Iterator[Row]:

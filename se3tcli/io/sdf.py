@@ -45,41 +45,47 @@ _BOM = b"\xef\xbb\xbf"
 def _records(handle: IO[bytes]) -> Iterator[tuple[bytes, str]]:
     """The file's records as ``(text, problem)``, split at ``$$$$`` lines, and also where a record lacks
     its ``$$$$``: a molfile's counts line after the previous record's ``M  END`` starts a new record. A
-    record with a line over 1 MiB is a problem (its text is dropped); so one broken record is one row."""
-    lines: list[bytes] = []
-    after_end, problem = False, ""
+    record with a line over 1 MiB is a problem (its text is dropped); so one broken record is one row.
+    Such a line keeps its place (as None) while the record is split, so that it counts among the header
+    lines of the record it belongs to, and makes that record, not the one before, the error."""
+    lines: list[bytes | None] = []
+    after_end = False
     for number, line in enumerate(text_lines(handle)):
         if number == 0 and line is not None and line.startswith(_BOM):  # a UTF-8 byte order mark
             line = line[len(_BOM) :]
-        if line is None:
-            problem = problem or f"a line longer than {MAX_LINE_CHARS} bytes"
-            continue
-        stripped = line.rstrip(b"\r\n")
-        if stripped == b"$$$$":
-            yield b"".join(lines), problem
-            lines, after_end, problem = [], False, ""
+        if line is not None and line.rstrip(b"\r\n") == b"$$$$":
+            yield _record(lines)
+            lines, after_end = [], False
             continue
         lines.append(line)
-        if stripped.startswith(b"M  END"):
+        if line is not None and line.startswith(b"M  END"):
             after_end = True
         elif after_end and _starts_a_record(lines):
             start = len(lines) - 1 - _HEADER_LINES  # this molecule's name line
-            yield b"".join(lines[:start]), problem
-            lines, after_end, problem = lines[start:], False, ""
-    if any(line.strip() for line in lines) or problem:
-        yield b"".join(lines), problem  # the last record may lack its $$$$
+            yield _record(lines[:start])
+            lines, after_end = lines[start:], False
+    if any(line is None or line.strip() for line in lines):
+        yield _record(lines)  # the last record may lack its $$$$
 
 
-def _starts_a_record(lines: list[bytes]) -> bool:
+def _record(lines: list[bytes | None]) -> tuple[bytes, str]:
+    """A record's ``(text, problem)`` from its lines (None: a line over the limit)."""
+    if None in lines:
+        return b"", f"a line longer than {MAX_LINE_CHARS} bytes"
+    return b"".join(lines), ""
+
+
+def _starts_a_record(lines: list[bytes | None]) -> bool:
     """Whether the last line is a counts line whose header begins where a record may begin: right after
     ``M  END`` or after the blank line that ends a data item (never inside one: a data value may say
-    "V3000"), with no data-item header among the three header lines."""
-    if len(lines) <= _HEADER_LINES + 1 or not _COUNTS_LINE.match(lines[-1].rstrip(b"\r\n")):
+    "V3000"), with no data-item header among the three header lines (any of which may be over the limit)."""
+    last = lines[-1]
+    if len(lines) <= _HEADER_LINES + 1 or last is None or not _COUNTS_LINE.match(last.rstrip(b"\r\n")):
         return False
-    before = lines[-2 - _HEADER_LINES].rstrip(b"\r\n")
+    before = lines[-2 - _HEADER_LINES]
     header = lines[-1 - _HEADER_LINES : -1]
-    after_a_block = not before.strip() or before.startswith(b"M  END")
-    return after_a_block and not any(h.startswith(b">") for h in header)
+    after_a_block = before is not None and (not before.strip() or before.startswith(b"M  END"))
+    return after_a_block and not any(h is not None and h.startswith(b">") for h in header)
 
 
 def _row(text: bytes, record: Record, embed: bool, seed: int) -> Molecule:

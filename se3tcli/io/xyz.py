@@ -1,7 +1,9 @@
 """XYZ and extXYZ via ASE's extXYZ parser, frame by frame.
 
 A plain comment line is the molecule's name; a ``key=value`` comment line is extXYZ metadata and becomes
-the properties.
+the properties. Atom count lines may have a sign (``+3``, an integer to Python and ASE); a count written as
+a decimal (``3.0``) makes its frame an error. Atomic numbers stand for element symbols (``8 0.0 0.0 0.0``,
+as Open Babel reads them) unless a ``Properties`` key says what the columns hold.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from typing import IO
 
 import ase.io
 import numpy as np
+from ase.data import chemical_symbols
 
 from se3tcli.io.filereader import FileReader, open_text, text_lines
 from se3tcli.io.molecule import Molecule, Record, guarded, reason
 
 _EOF = object()  # end-of-file marker for next(lines, _EOF)
-_COUNT_LINE = re.compile(r"[0-9]+")
+# An atom count; one with a decimal point ("3.0", group 2) still frames its lines, but is an error.
+_COUNT_LINE = re.compile(r"\+?([0-9]+)(\.0*)?")
+_ATOMIC_NUMBER = re.compile(r"[0-9]+")
+_PROPERTIES_KEY = re.compile(r"(?:^|\s)properties\s*=", re.IGNORECASE)  # extXYZ: the columns are named
 
 
 def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Molecule]:
@@ -58,12 +64,14 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
         if line is _EOF:
             return
         words = line.split() if isinstance(line, str) else []
-        if not words or not _COUNT_LINE.fullmatch(words[0]):
+        count = _COUNT_LINE.fullmatch(words[0]) if words else None
+        if count is None:
             found = _shorten(line) if isinstance(line, str) else "an overlong line"
             line, skipped = skip_to_a_frame()
             yield "", [], f"expected an atom count line, found {found!r}; {skipped}"
             continue
-        n_atoms = int(words[0])
+        n_atoms = int(count[1])
+        count_problem = f"the atom count {words[0]!r} is not an integer" if count[2] is not None else ""
         comment = next(lines, _EOF)
         if not isinstance(comment, str):
             yield "", [], "file ends (or has an overlong line) where the comment line should be"
@@ -84,7 +92,7 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
             if extra:
                 yield "", [], f"frame declares {n_atoms} atoms but has {n_atoms + extra} atom lines"
             else:
-                yield comment, atom_lines, ""
+                yield comment, atom_lines, count_problem
             continue
         problem = f"frame declares {n_atoms} atoms but has {len(atom_lines)} atom lines"
         if isinstance(line, str) and (not line.strip() or _COUNT_LINE.fullmatch(line.split()[0])):
@@ -114,6 +122,10 @@ def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule
     comment = comment.strip()
     metadata = "=" in comment  # extXYZ key=value pairs, not a plain title
     name = "" if metadata else comment
+    if not _PROPERTIES_KEY.search(comment):  # the default columns: element, x, y, z
+        atom_lines, problem = _with_symbols(atom_lines)
+        if problem:
+            return record.error(problem, name)
     text = f"{len(atom_lines)}\n{comment if metadata else ''}\n{''.join(atom_lines)}"
     try:
         atoms = ase.io.read(io.StringIO(text), format="extxyz", index=0)
@@ -122,6 +134,20 @@ def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule
     except Exception as exc:  # ASE raises many exception types for malformed frames
         return record.error(f"ASE cannot parse the frame: {reason(exc)}", name)
     return molecule_from_atoms(record, atoms, name, with_info=metadata)
+
+
+def _with_symbols(atom_lines: list[str]) -> tuple[list[str], str]:
+    """The atom lines with atomic numbers in the element column replaced by symbols: (lines, problem)."""
+    lines = []
+    for atom, line in enumerate(atom_lines, 1):
+        element, rest = line.split(None, 1)
+        if _ATOMIC_NUMBER.fullmatch(element):
+            z = int(element)
+            if not 0 < z < len(chemical_symbols):
+                return [], f"atomic number {z} is not an element (atom {atom})"
+            line = f"{chemical_symbols[z]} {rest}"
+        lines.append(line)
+    return lines, ""
 
 
 def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_info: bool = True) -> Molecule:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rdkit import Chem
+from rdkit.Chem import AllChem
 from typer.testing import CliRunner
 
 from se3tcli.api import load_model
@@ -77,6 +79,26 @@ def test_a_worker_over_the_time_limit_is_replaced_and_its_record_is_an_error_row
     assert len(rows[1].numbers) == 60  # the atoms of the error row, as for a failed embedding
     # Killed at 0.5 s and replaced, before RDKit's own timeout (whole seconds) could stop the embedding.
     assert len(pids) == 3
+    assert not multiprocessing.active_children()
+
+
+def test_2d_sdf_records_are_embedded_in_the_pool_with_its_time_limit(tmp_path: Path) -> None:
+    """A 2D record's conformer is generated like a SMILES string's: C60 (no coordinates) is stopped at the
+    limit, the 2D ethanol around it keeps its row and its SD tag."""
+    records = []
+    for smiles, name in (("CCO", "ethanol"), (C60, "fullerene"), ("CCO", "ethanol again")):
+        mol = Chem.MolFromSmiles(smiles)
+        AllChem.Compute2DCoords(mol)
+        mol.SetProp("_Name", name)
+        mol.SetProp("source_id", name.upper())
+        records.append(Chem.MolToMolBlock(mol) + "> <source_id>\n" + name.upper() + "\n\n$$$$\n")
+    path = tmp_path / "flat.sdf"
+    path.write_text("".join(records))
+    rows = list(read_molecules([path], workers=2, conformer_timeout=0.5))
+    assert [m.status for m in rows] == ["warning", "error", "warning"]
+    assert rows[1].message == f"flat.sdf record 2 (fullerene): {time_limit_reason(0.5)}"
+    assert "2D record: 3D conformer generated" in rows[0].message and rows[0].positions[:, 2].any()
+    assert rows[2].properties["source_id"] == "ETHANOL AGAIN"
     assert not multiprocessing.active_children()
 
 

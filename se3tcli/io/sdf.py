@@ -11,12 +11,13 @@ import gzip
 import io
 import re
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import IO
 
 from rdkit import Chem
 
-from se3tcli.io.conformers import generate_conformer
+from se3tcli.io.conformers import PendingConformer, to_binary
 from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, text_lines
 from se3tcli.io.molecule import Molecule, Record, element_problem, guarded, reason
 from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
@@ -106,9 +107,11 @@ def _text_prop(mol: Chem.Mol, key: str) -> str | None:
         return None
 
 
-def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -> Molecule:
+def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -> Molecule | PendingConformer:
     """The row of an RDKit molecule (as an SDF record gives it): hydrogens and a 3D conformer added where
-    it lacks them (warnings, or errors without ``embed``); SD tags as properties."""
+    it lacks them (warnings, or errors without ``embed``); SD tags as properties. A 2D record's row is
+    pending: its conformer is generated like a SMILES string's, in the conformer pool with its time
+    limit."""
     name = (_text_prop(mol, "_Name") or "").strip() if mol.HasProp("_Name") else ""
     properties: dict[str, str] = {}
     warnings: list[str] = []
@@ -142,11 +145,9 @@ def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -
         Chem.AssignChiralTypesFromBondDirs(mol)
         Chem.DetectBondStereochemistry(mol)
         Chem.AssignStereochemistry(mol, cleanIt=True, force=True)
-        mol, embed_warnings, why = generate_conformer(mol, seed)
-        if mol is None:
-            return error(why)
         warnings.append("2D record: 3D conformer generated" + (" and hydrogens added" if needs_h else ""))
-        warnings += embed_warnings
+        finish = partial(_embedded_row, record, name, properties, warnings)
+        return PendingConformer(record, name, numbers, to_binary(mol), seed, finish)  # see conformer_pool
     else:
         Chem.AssignStereochemistryFrom3D(mol)
         if needs_h:
@@ -156,3 +157,13 @@ def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -
             warnings.append("hydrogens added")
     numbers, symbols = atoms_of(mol)
     return record.molecule(name, numbers, positions_of(mol), properties, symbols, warnings, mol)
+
+
+def _embedded_row(
+    record: Record, name: str, properties: dict[str, str], warnings: list[str], mol: Chem.Mol,
+    embed_warnings: list[str],
+) -> Molecule:  # fmt: skip
+    """The row of a 2D record once its conformer exists (``mol``, with the embedding's warnings)."""
+    numbers, symbols = atoms_of(mol)
+    positions = positions_of(mol)
+    return record.molecule(name, numbers, positions, properties, symbols, [*warnings, *embed_warnings], mol)

@@ -82,6 +82,11 @@ class Predictor:
         """The model card (bundled models), else {}."""
         return self.loaded.card
 
+    def set_backend(self, name: str) -> None:
+        """The implementation of the attention layers: ``auto``, ``torch``, ``fused_cpu`` or ``reference``
+        (see :func:`se3tcli.model.backend.resolve`); not saved with the model."""
+        self.loaded.model.set_backend(name)
+
     def predict(
         self,
         inputs: object | Iterable[object],

@@ -6,6 +6,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -36,6 +37,7 @@ err_console = Console(stderr=True)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 PREVIEW_ROWS = 20  # most rows printed as a table when predictions also go to a file
 
 
@@ -65,6 +67,9 @@ def guarded(command):
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:  # `se3t predict ... -o - | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when Python flushes
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except (
             UsageError,
             InputError,
@@ -88,7 +93,11 @@ class _NoticesOnStderr(logging.Handler):
     """se3t's notices (:mod:`se3tcli.notices`) as lines on stderr, printed above any progress bar."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        err_console.print(Text(self.format(record), style="dim"), highlight=False, soft_wrap=True)
+        if record.levelno >= logging.WARNING:
+            text = Text(f"warning: {self.format(record)}", style="yellow")
+        else:
+            text = Text(self.format(record), style="dim")
+        err_console.print(text, highlight=False, soft_wrap=True)
 
 
 _NOTICE_HANDLER = _NoticesOnStderr()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from se3tcli.checkpoint import load_model
 from se3tcli.cli import app
-from se3tcli.data.labels import label_value
+from se3tcli.data.labels import is_own_prediction, label_value
 from se3tcli.io import read_molecules
 from se3tcli.predict import predict_stream
 from se3tcli.targets import HARTREE_TO_EV, TARGETS, column_name
@@ -71,6 +71,9 @@ def test_in_se3t_output_the_inputs_references_win_over_its_predictions() -> None
     assert label_value({"homo_eV_input": "-7.0", "homo_eV": "-6.0", "se3t_status": "ok"}, "homo") == -7.0
     assert label_value({"homo_eV": "-6.0", "se3t_status": "ok"}, "homo") == -6.0  # no reference
     assert label_value({"homo_input": "-7.0"}, "homo") is None  # not se3t output: an unknown key
+    assert not is_own_prediction(output, "homo")  # a reference beside the prediction
+    assert is_own_prediction({"homo_eV": "-6.0", "se3t_status": "ok"}, "homo")
+    assert not is_own_prediction({"homo_eV": "-6.0"}, "homo")  # anyone's file: a label
 
 
 def test_predictions_written_as_sdf_evaluate_as_labels(

@@ -69,3 +69,25 @@ def test_a_real_pipe(tiny_checkpoint: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("name,source,record") and len(done.stdout.splitlines()) == 3
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(tiny_checkpoint: Path, samples: Path) -> None:
+    """`se3t predict ... -o - | head -1`: exit 141 (128 + SIGPIPE, as a shell says) and no error."""
+    xyz = samples / "qm9_sample.xyz"
+    args = [
+        "se3t",
+        "predict",
+        *[str(xyz)] * 200,
+        "-o",
+        "-",
+        "--model",
+        str(tiny_checkpoint),
+        "--device",
+        "cpu",
+    ]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("name,source,record")
+    process.stdout.close()  # the reader goes away while rows keep coming
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 141, stderr
+    assert "error" not in stderr.lower() and "Traceback" not in stderr

@@ -3,6 +3,7 @@ sample QM9 molecules flagged."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,16 @@ def test_each_problem_is_flagged_with_its_reason(case: str) -> None:
     atoms, reason = CASES[case]
     (warning,) = structure_warnings(_molecule(atoms))
     assert reason in warning
+
+
+def test_a_declared_charge_counts_in_atoms_only_input() -> None:
+    """NH4+ from an extXYZ ``charge=1``: a net charge, and no radical (10 electrons)."""
+    ammonium = [("N", 0.0, 0.0, 0.0)] + [
+        ("H", x, y, z) for x, y, z in 0.59 * np.array([[1, 1, 1], [-1, -1, 1], [-1, 1, -1], [1, -1, -1]])
+    ]
+    molecule = replace(_molecule(ammonium), properties={"charge": "1"})
+    assert structure_warnings(molecule) == ["net charge +1; the model was trained on neutral molecules"]
+    assert "odd number of electrons" in structure_warnings(_molecule(ammonium))[0]
 
 
 def test_sound_molecules_are_not_flagged(samples: Path) -> None:

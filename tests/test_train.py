@@ -502,12 +502,17 @@ def test_cli_train_takes_a_config_file_and_gives_back_the_run_config(tmp_path: P
         ('epochs = "two"', "epochs must be int, not 'two'"),
         ("batch_size = 0", "batch_size must be >= 1, not 0"),
         ("targets = [", "run.toml: "),
+        ('[model_overrides]\nchannels = "many"', "model_overrides has channels = 'many', which must be int"),
+        ("[model_overrides]\nchanels = 8", "model_overrides has 'chanels', which is not a model setting"),
     ]:
         (tmp_path / "run.toml").write_text(line + "\n")
         bad = runner.invoke(
             app, ["train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "c")]
         )
         assert message in _one_line_error(bad), line
+    os.mkfifo(tmp_path / "fifo.toml")  # would block a plain read forever
+    bad = runner.invoke(app, ["train", "--config", str(tmp_path / "fifo.toml"), "--out", str(tmp_path / "c")])
+    assert "a config file must be a regular file" in _one_line_error(bad)
     assert not (tmp_path / "c").exists()
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from se3tcli.data.labels import label_value
+from se3tcli.data.labels import is_own_prediction, label_value
 from se3tcli.data.qm9 import QM9Data, load_qm9
 from se3tcli.data.splits import QM9_SPLIT_SIZES, random_split
+from se3tcli.notices import NOTICES
 from se3tcli.targets import QM9_TARGETS
 
 QM9_NAME = "qm9"
@@ -87,11 +88,14 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
 
     numbers, positions, values, counts, records = [], [], [], [], []
     skipped = 0
+    own_predictions = dict.fromkeys(targets, 0)  # records whose label is se3t's prediction, per target
     for molecule in read_molecules([path]):
         row = _target_values(molecule.properties, targets) if molecule.ok else None
         if row is None:
             skipped += 1
             continue
+        for target in targets:
+            own_predictions[target] += is_own_prediction(molecule.properties, target)
         numbers.append(molecule.numbers.astype(np.int8))
         positions.append(molecule.positions.astype(np.float32))
         values.append(row)
@@ -101,6 +105,15 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
         raise ValueError(
             f"{path}: only {len(values)} records carry all of {', '.join(targets)} "
             f"({skipped} skipped); need >= 3"
+        )
+    if skipped:
+        wanted = ", ".join(targets)
+        NOTICES.warning(f"{path}: {skipped} records skipped (unreadable, or without a number for {wanted})")
+    predicted = [f"{t} ({n} records)" for t, n in own_predictions.items() if n]
+    if predicted:
+        NOTICES.warning(
+            f"{path}: labels of {', '.join(predicted)} are se3t's own predictions (its output, without "
+            "references): scores against them measure agreement with that run, not accuracy"
         )
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

@@ -46,6 +46,16 @@ def unit_factor(target: str, unit: str | None) -> float | None:
     return _TO_DISPLAY.get(display, {}).get(_spelling(unit))
 
 
+def is_own_prediction(properties: Mapping[str, object], target: str) -> bool:
+    """Whether ``target``'s label in a record is se3t's own prediction (its output, without a reference)."""
+    if STATUS_TAG not in properties:
+        return False
+    prediction = column_name(target, TARGETS[target].unit)
+    return prediction in properties and all(
+        key == prediction or label_value({key: properties[key]}, target) is None for key in properties
+    )
+
+
 def label_value(properties: Mapping[str, object], target: str) -> float | None:
     """``target``'s finite value among ``properties`` in its display unit, or None where none is given.
     The key spelled exactly like the target wins over other spellings. In se3t's own SDF output (records

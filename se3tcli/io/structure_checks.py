@@ -52,13 +52,23 @@ def structure_warnings(molecule: Molecule) -> list[str]:
             "no hydrogen atoms (files often leave them out, and the model needs every atom; "
             "ignore this if the molecule has none)"
         )
-    atoms_only = molecule.rdkit_mol is None  # with an RDKit molecule, its charges and radicals are known
-    if atoms_only and int(numbers.sum()) % 2:  # atomic numbers: the electrons of the neutral molecule
-        reasons.append(
-            "an odd number of electrons: a radical if neutral (a hydrogen missing?), while the model was "
-            "trained on closed shells"
-        )
+    if molecule.rdkit_mol is None:  # atoms only; an RDKit molecule's charges and radicals are known
+        reasons += _electron_warnings(int(numbers.sum()), molecule.properties)
     return reasons
+
+
+def _electron_warnings(protons: int, properties: dict[str, str]) -> list[str]:
+    """The net charge an atoms-only record declares (extXYZ ``charge=``), and an odd electron count."""
+    declared = next((v for k, v in properties.items() if k.lower() == "charge"), "0")
+    try:
+        charge = int(float(declared))
+    except (ValueError, OverflowError):
+        return [f"charge={declared!r} is not a number"]
+    warnings = [f"net charge {charge:+d}; the model was trained on neutral molecules"] if charge else []
+    if (protons - charge) % 2:
+        what = "a radical" if charge else "a radical if neutral (a hydrogen missing?)"
+        warnings.append(f"an odd number of electrons: {what}, while the model was trained on closed shells")
+    return warnings
 
 
 def _close_pairs(positions: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,8 @@ command line override the file's. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -32,6 +34,8 @@ def options_from_file(path: str | Path) -> dict[str, Any]:
     string, which ``se3t train`` parses like ``--targets``). ValueError names the file and the entry."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, a device never end
+            raise ValueError("a config file must be a regular file")
         text = path.read_text()
         entries = _json_options(text) if path.suffix.lower() == ".json" else _toml(path).loads(text)
     except OSError as exc:
@@ -85,6 +89,8 @@ def _problem(name: str, value: Any) -> str:
     """Why ``value`` cannot be option ``name`` ("" if it can): unknown, of the wrong type, out of bounds."""
     if name not in _FIELDS:
         return "is not an option of se3t train"
+    if name == "model_overrides":
+        return _model_problem(value)
     if name == "targets":
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
         return "" if ok and value else "must be a list of target names or a comma-separated string"
@@ -103,4 +109,25 @@ def _problem(name: str, value: Any) -> str:
     if numbers and ((low is not None and value < low) or (high is not None and value > high)):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         return f"must be {bounds}, not {value!r}"
+    return ""
+
+
+def _model_problem(value: Any) -> str:
+    """Why ``value`` cannot be the model settings ("" if it can): each a ModelConfig field of its type."""
+    from se3tcli.model.config import ModelConfig  # imports torch: only for a file that sets the model
+
+    if not isinstance(value, dict):
+        return "must be a table of model settings"
+    hints = typing.get_type_hints(ModelConfig)
+    for key, setting in value.items():
+        if key not in hints:
+            return f"has {key!r}, which is not a model setting ({', '.join(sorted(hints))})"
+        allowed = typing.get_args(hints[key]) or (hints[key],)
+        if setting is None and type(None) in allowed:
+            continue
+        numbers = (int, float) if float in allowed else (int,) if int in allowed else ()
+        fits = isinstance(setting, (*numbers, *(t for t in allowed if t in (str, bool))))
+        if isinstance(setting, bool) and bool not in allowed or not fits:
+            kind = getattr(hints[key], "__name__", str(hints[key]))
+            return f"has {key} = {setting!r}, which must be {kind}"
     return ""

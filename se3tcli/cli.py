@@ -181,7 +181,9 @@ def predict(
     ] = None,
     conformer_timeout: Annotated[
         float,
-        typer.Option(min=0, help="Seconds per SMILES conformer; slower ones become error rows (0: none)."),
+        typer.Option(
+            min=0, max=86_400, help="Seconds per SMILES conformer; slower ones become error rows (0: none)."
+        ),
     ] = 60.0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing --output file (never an input).")

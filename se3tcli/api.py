@@ -31,7 +31,7 @@ from se3tcli.io import STATUS_ERROR, Molecule
 from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
 from se3tcli.io.objects import molecules_from_objects
 from se3tcli.io.outputs import BASE_COLUMNS, base_fields, file_value
-from se3tcli.predict import output_units, predict_stream
+from se3tcli.predict import MAX_ATOMS_PER_MOLECULE, output_units, predict_stream
 from se3tcli.targets import column_name, parse_targets
 from se3tcli.train.device import select_device
 
@@ -106,7 +106,11 @@ class Predictor:
             inputs = [inputs]
         chosen = parse_targets(_target_spec(targets), self.targets)
         molecules = molecules_from_objects(
-            inputs, embed, workers=workers, conformer_timeout=conformer_timeout
+            inputs,
+            embed,
+            workers=workers,
+            conformer_timeout=conformer_timeout,
+            max_atoms=MAX_ATOMS_PER_MOLECULE,
         )
         rows = predict_stream(self.loaded, molecules, self.device, chosen, batch_size)
         units = output_units(self.loaded, chosen)

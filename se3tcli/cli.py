@@ -233,6 +233,7 @@ def predict(
             stdin_format=input_format,
             workers=workers or default_workers(),
             conformer_timeout=conformer_timeout,
+            max_atoms=max_atoms_per_molecule,  # also before a conformer is generated
         )
         report_oom = functools.partial(err_console.print, style="yellow")
         n_done, n_predicted = predict_to_file(

@@ -22,6 +22,7 @@ from se3tcli.checkpoint import LoadedModel
 from se3tcli.elements import symbol
 from se3tcli.graph import collate
 from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule, PredictionWriter
+from se3tcli.io.molecule import size_limit_reason
 from se3tcli.io.structure_checks import structure_warnings
 from se3tcli.model.heads import MU_VECTOR
 from se3tcli.model.transformer import SE3Transformer
@@ -108,8 +109,7 @@ def check_size(molecule: Molecule, max_atoms: int | None) -> Molecule:
     n_atoms = len(molecule.numbers) if molecule.ok else 0
     if max_atoms is None or n_atoms <= max_atoms:
         return molecule
-    reason = f"{n_atoms} atoms, more than the limit of {max_atoms} (--max-atoms-per-molecule)"
-    return _with_status(molecule, STATUS_ERROR, reason)
+    return _with_status(molecule, STATUS_ERROR, size_limit_reason(n_atoms, max_atoms))
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 
 from se3tcli.api import load_model
 from se3tcli.cli import app
-from se3tcli.io import read_molecules
+from se3tcli.io import conformer_pool, read_molecules
 from se3tcli.io.conformer_pool import AHEAD_PER_WORKER, embed_pending
 from se3tcli.io.conformers import time_limit_reason
+from se3tcli.io.molecule import size_limit_reason
 from se3tcli.io.smiles import read_smiles_strings
 
 # Buckminsterfullerene: ETKDG fails on it only after more than a minute, a deterministic slow record.
@@ -212,3 +213,14 @@ def test_ctrl_c_stops_predict_and_all_its_workers(tiny_checkpoint: Path, tmp_pat
         time.sleep(0.05)
     assert not running
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_molecule_over_the_atom_limit_is_an_error_before_its_conformer(monkeypatch) -> None:
+    """C400 has 1202 atoms with its hydrogens: refused at once, never embedded (which takes minutes)."""
+
+    def never(*args):
+        raise AssertionError("embedded a molecule over the limit")
+
+    monkeypatch.setattr(conformer_pool, "embed_binary", never)
+    (row,) = read_molecules(smiles=["C" * 400 + " polyethylene"], workers=1, max_atoms=100)
+    assert row.message == "<smiles> record 1 (polyethylene): " + size_limit_reason(1202, 100)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 from se3tcli.io.conformers import DEFAULT_TIMEOUT_S, PendingConformer, embed_binary, time_limit_reason
-from se3tcli.io.molecule import Molecule
+from se3tcli.io.molecule import Molecule, size_limit_reason
 
 AHEAD_PER_WORKER = 8  # rows read ahead of the oldest unfinished one, per worker
 MAX_DEFAULT_WORKERS = 4
@@ -39,14 +39,24 @@ def default_workers() -> int:
 
 
 def embed_pending(
-    rows: Iterable[Row], workers: int = 1, timeout: float = DEFAULT_TIMEOUT_S
+    rows: Iterable[Row], workers: int = 1, timeout: float = DEFAULT_TIMEOUT_S, max_atoms: int | None = None
 ) -> Iterator[Molecule]:
-    """The rows with every pending conformer generated, in input order (``timeout`` in s; 0: no limit)."""
+    """The rows with every pending conformer generated, in input order (``timeout`` in s; 0: no limit).
+    A pending molecule of more than ``max_atoms`` atoms with its hydrogens is an error row at once,
+    never embedded (None: no limit)."""
+    if max_atoms is not None:
+        rows = (_within(row, max_atoms) for row in rows)
     if workers <= 1:
         for row in rows:
             yield row if isinstance(row, Molecule) else row.row(embed_binary(row.mol, row.seed, timeout))
     else:
         yield from _in_workers(iter(rows), workers, timeout)
+
+
+def _within(row: Row, max_atoms: int) -> Row:
+    if isinstance(row, Molecule) or (n_atoms := row.n_atoms) <= max_atoms:
+        return row
+    return row.error(size_limit_reason(n_atoms, max_atoms))
 
 
 @dataclass(eq=False)

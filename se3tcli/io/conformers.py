@@ -57,6 +57,12 @@ class PendingConformer:
     seed: int
     finish: Callable[[Chem.Mol, list[str]], Molecule]  # the row of the embedded molecule, given its warnings
 
+    @property
+    def n_atoms(self) -> int:
+        """Atoms once hydrogens are added (the conformer's size)."""
+        mol = Chem.Mol(self.mol)
+        return mol.GetNumAtoms() + sum(atom.GetTotalNumHs() for atom in mol.GetAtoms())
+
     def row(self, result: EmbedResult) -> Molecule:
         """The record's row from :func:`embed_binary`'s result."""
         binary, warnings, why = result

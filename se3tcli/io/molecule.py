@@ -132,6 +132,11 @@ def guarded(build: Callable[..., Molecule], record: Record, *args: object) -> Mo
         return record.error(f"cannot read record: {reason(exc)}")
 
 
+def size_limit_reason(n_atoms: int, max_atoms: int) -> str:
+    """The error of a molecule of more atoms than ``--max-atoms-per-molecule`` allows."""
+    return f"{n_atoms} atoms, more than the limit of {max_atoms} (--max-atoms-per-molecule)"
+
+
 def reason(exc: BaseException) -> str:
     """An exception as a one-line reason of at most ``_MAX_REASON_CHARS`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__

@@ -31,13 +31,14 @@ def molecules_from_objects(
     seed: int = 42,
     workers: int = 1,
     conformer_timeout: float = DEFAULT_TIMEOUT_S,
+    max_atoms: int | None = None,
 ) -> Iterator[Molecule]:
     """Rows for each item in order: a file (a ``Path``, or a string naming an existing file with a
     supported suffix) gives one row per record, an RDKit molecule with several conformers one row per
     conformer (named ``NAME#conf<id>``), anything else one row; the record number of a row is the item's
     position in ``items`` (or, within a file, the record's). SMILES conformers are generated in
     ``workers`` processes with ``conformer_timeout`` seconds each (see :func:`embed_pending`)."""
-    return embed_pending(_rows(items, embed, seed), workers, conformer_timeout)
+    return embed_pending(_rows(items, embed, seed), workers, conformer_timeout, max_atoms)
 
 
 def _rows(items: Iterable[object], embed: bool, seed: int) -> Iterator[Row]:

@@ -73,6 +73,7 @@ def read_molecules(
     stdin_format: str | None = None,
     workers: int = 1,
     conformer_timeout: float = DEFAULT_TIMEOUT_S,
+    max_atoms: int | None = None,
 ) -> Iterator[Molecule]:
     """Read molecules lazily from files (in the order given), then from SMILES strings.
 
@@ -94,6 +95,9 @@ def read_molecules(
         :func:`~se3tcli.io.conformer_pool.embed_pending`).
     conformer_timeout
         Seconds per SMILES conformer (0: no limit); a slower one becomes an error row.
+    max_atoms
+        A molecule that would have more atoms (hydrogens included) is an error row before any conformer
+        is generated for it (None: no limit).
 
     Returns
     -------
@@ -108,7 +112,7 @@ def read_molecules(
     smiles = [smiles] if isinstance(smiles, str) else list(smiles)
     check_inputs(paths, stdin_format)
     rows = _iter_rows(paths, smiles, embed, seed, stdin_format)
-    return embed_pending(rows, workers, conformer_timeout)
+    return embed_pending(rows, workers, conformer_timeout, max_atoms)
 
 
 def _iter_rows(

@@ -81,10 +81,11 @@ def radius_graph(
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return empty, empty
     counts = torch.bincount(mol_index, minlength=n_mol)  # [n_mol]
-    if int(counts.max()) <= _ALL_PAIRS_ATOMS:
-        order, run_start, run_len = _molecule_runs(mol_index, counts)
-    else:
+    by_cells = int(counts.max()) > _ALL_PAIRS_ATOMS
+    if by_cells:
         order, run_start, run_len = _cell_runs(pos, mol_index, n_mol, cutoff)
+    else:
+        order, run_start, run_len = _molecule_runs(mol_index, counts)
     pairs_per_atom = run_len.sum(1)  # [n_atoms] candidate neighbours of each atom
     srcs, dsts = [], []
     # Chunks of receiving atoms so that the candidate pairs of one chunk stay below _PAIR_CHUNK.
@@ -104,9 +105,10 @@ def radius_graph(
         dist2 = (pos[src] - pos[dst]).pow(2).sum(-1)
         keep = (src > dst) & (dist2 < cutoff * cutoff)  # each pair once; its reverse is added below
         high, low = src[keep], dst[keep]
-        # the receivers of a chunk ascend, and chunks follow each other: sorting inside a chunk suffices
-        pair_order = torch.argsort(low * n_atoms + high)
-        high, low = high[pair_order], low[pair_order]
+        if by_cells:  # all pairs come out sorted; cells visit neighbours out of order
+            # the receivers of a chunk ascend, and chunks follow each other: sorting inside a chunk suffices
+            pair_order = torch.argsort(low * n_atoms + high)
+            high, low = high[pair_order], low[pair_order]
         srcs.append(torch.stack([high, low], dim=1).reshape(-1))
         dsts.append(torch.stack([low, high], dim=1).reshape(-1))
         first = int(dst_atoms[-1]) + 1

@@ -72,14 +72,6 @@ def _domain_warnings(molecule: Molecule, domain: dict) -> list[str]:
             f"{n_heavy} heavy atom(s): only {n_same} training molecules are that small, "
             "so errors can be several times the test error"
         )
-    mol = molecule.rdkit_mol
-    if mol is not None:
-        charge = sum(atom.GetFormalCharge() for atom in mol.GetAtoms())
-        radicals = sum(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms())
-        if charge:
-            reasons.append(f"net charge {charge:+d}; the model was trained on neutral molecules")
-        if radicals:
-            reasons.append(f"{radicals} radical electron(s); the model was trained on closed shells")
     return reasons
 
 

@@ -111,7 +111,8 @@ def generate_conformer(
         status = AllChem.EmbedMolecule(mol, params)
     if status != 0:
         return None, [], time_limit_reason(timeout) if _timed_out(params) else _EMBEDDING_FAILED
-    warnings = [FORCE_FIELD_GEOMETRY, *_separate_fragments(mol)]
+    _separate_fragments(mol)  # predict warns of several fragments (io/structure_checks.py)
+    warnings = [FORCE_FIELD_GEOMETRY]
     try:
         if AllChem.MMFFHasAllMoleculeParams(mol):
             AllChem.MMFFOptimizeMolecule(mol, maxIters=_MMFF_MAX_ITERS)
@@ -130,14 +131,12 @@ def _timed_out(params: rdDistGeom.EmbedParameters) -> bool:
     return params.trackFailures and params.GetFailureCounts()[_EXCEEDED_TIMEOUT] > 0
 
 
-def _separate_fragments(mol: Chem.Mol) -> list[str]:
-    """Place disconnected fragments side by side along x (ETKDG may put them on top of each other).
-
-    Returns a warning for molecules with several fragments (salts, solvates), none otherwise.
-    """
+def _separate_fragments(mol: Chem.Mol) -> None:
+    """Place disconnected fragments (salts, solvates) side by side along x (ETKDG may put them on top of
+    each other)."""
     fragments = Chem.GetMolFrags(mol)  # tuples of atom indices
     if len(fragments) < 2:
-        return []
+        return
     conformer = mol.GetConformer()
     positions = conformer.GetPositions()  # [n_atoms, 3] Å
     start = 0.0  # Å, x where the next fragment's bounding sphere begins
@@ -149,4 +148,3 @@ def _separate_fragments(mol: Chem.Mol) -> list[str]:
         start += 2 * radius + _FRAGMENT_GAP
     for i, xyz in enumerate(positions.tolist()):
         conformer.SetAtomPosition(i, xyz)
-    return [f"{len(fragments)} disconnected fragments placed side by side before optimisation"]

@@ -107,11 +107,9 @@ def _stream_problem(exc: Exception) -> str:
     """Why a stream could not be read, in words (the gzip module's own messages say little)."""
     if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):  # the magic bytes
         return "not gzip-compressed, although its name ends in .gz"
-    if isinstance(exc, gzip.BadGzipFile):  # a CRC or length check of the decompressed data failed
-        return f"the compressed data is corrupt ({reason(exc)})"
     if isinstance(exc, EOFError):
         return "the compressed data ends early (the file is cut short)"
-    if isinstance(exc, zlib.error):
+    if isinstance(exc, (gzip.BadGzipFile, zlib.error)):  # a CRC or length check failed, a bad block
         return f"the compressed data is corrupt ({reason(exc)})"
     return reason(exc)
 

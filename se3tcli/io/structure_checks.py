@@ -52,22 +52,28 @@ def structure_warnings(molecule: Molecule) -> list[str]:
             "no hydrogen atoms (files often leave them out, and the model needs every atom; "
             "ignore this if the molecule has none)"
         )
-    if molecule.rdkit_mol is None:  # atoms only; an RDKit molecule's charges and radicals are known
-        reasons += _electron_warnings(int(numbers.sum()), molecule.properties)
-    return reasons
+    return reasons + _electron_warnings(molecule)
 
 
-def _electron_warnings(protons: int, properties: dict[str, str]) -> list[str]:
-    """The net charge an atoms-only record declares (extXYZ ``charge=``), and an odd electron count."""
-    declared = next((v for k, v in properties.items() if k.lower() == "charge"), "0")
-    try:
-        charge = int(float(declared))
-    except (ValueError, OverflowError):
-        return [f"charge={declared!r} is not a number"]
+def _electron_warnings(molecule: Molecule) -> list[str]:
+    """A net charge and unpaired electrons: an RDKit molecule's formal charges and radicals; for atoms
+    only, the charge the record declares (extXYZ ``charge=``) and the parity of the electron count."""
+    mol = molecule.rdkit_mol
+    if mol is not None:
+        charge = sum(atom.GetFormalCharge() for atom in mol.GetAtoms())
+        radicals = sum(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms())
+        unpaired = f"{radicals} radical electron(s)" if radicals else ""
+    else:
+        declared = next((v for k, v in molecule.properties.items() if k.lower() == "charge"), "0")
+        try:
+            charge = int(float(declared))
+        except (ValueError, OverflowError):
+            return [f"charge={declared!r} is not a number"]
+        odd = (int(molecule.numbers.sum()) - charge) % 2  # atomic numbers less the charge: the electrons
+        unpaired = "an odd number of electrons" + ("" if charge else " (a hydrogen missing?)") if odd else ""
     warnings = [f"net charge {charge:+d}; the model was trained on neutral molecules"] if charge else []
-    if (protons - charge) % 2:
-        what = "a radical" if charge else "a radical if neutral (a hydrogen missing?)"
-        warnings.append(f"an odd number of electrons: {what}, while the model was trained on closed shells")
+    if unpaired:
+        warnings.append(f"{unpaired}: a radical, while the model was trained on closed shells")
     return warnings
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from se3tcli.data.dataset import LabelledData, load_labelled
+from se3tcli.data.dataset import QM9_NAME, LabelledData, load_labelled
 from se3tcli.data.qm9 import QM9Data
 from se3tcli.files import atomic_write
 from se3tcli.graph import collate
@@ -97,7 +97,7 @@ def write_predictions(
     data = labelled.data
     indices = split_indices(labelled, split, limit)
     truth = data.targets[indices]
-    header = ["qm9_index" if labelled.description.get("dataset") == "qm9" else "record"]
+    header = ["qm9_index" if labelled.description.get("dataset") == QM9_NAME else "record"]
     for t in data.target_names:
         unit = TARGETS[t].unit
         header += [column_name(t, unit), column_name(f"{t}_predicted", unit)]
@@ -122,5 +122,5 @@ def labelled_for_checkpoint(
     data_info = checkpoint.get("training", {}).get("data", {})
     targets = tuple(targets or checkpoint["targets"])
     seed = int(data_info.get("seed", 0))
-    name = dataset or data_info.get("dataset", "qm9")
+    name = dataset or data_info.get("dataset", QM9_NAME)
     return load_labelled(name, targets, seed, data_info.get("limit"), cache)

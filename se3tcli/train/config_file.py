@@ -94,19 +94,14 @@ def _problem(name: str, value: Any) -> str:
     if name == "targets":
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
         return "" if ok and value else "must be a list of target names or a comma-separated string"
-    allowed = typing.get_args(_HINTS[name]) or (_HINTS[name],)
     if value is None:
-        return "" if type(None) in allowed else "must be given a value"
-    numbers = (int, float) if float in allowed else (int,) if int in allowed else ()
-    if isinstance(value, bool):
-        fits = bool in allowed
-    else:
-        fits = isinstance(value, (*numbers, *(t for t in allowed if t in (str, dict))))
-    if not fits:
-        names = [t.__name__ for t in allowed if t is not type(None)]
-        return f"must be {' or '.join(names)}, not {value!r}"
+        return "" if type(None) in typing.get_args(_HINTS[name]) else "must be given a value"
+    kind = _type_mismatch(value, _HINTS[name])
+    if kind:
+        return f"must be {kind}, not {value!r}"
     low, high = _FIELDS[name].metadata.get("min"), _FIELDS[name].metadata.get("max")
-    if numbers and ((low is not None and value < low) or (high is not None and value > high)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and ((low is not None and value < low) or (high is not None and value > high)):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         return f"must be {bounds}, not {value!r}"
     return ""
@@ -122,12 +117,23 @@ def _model_problem(value: Any) -> str:
     for key, setting in value.items():
         if key not in hints:
             return f"has {key!r}, which is not a model setting ({', '.join(sorted(hints))})"
-        allowed = typing.get_args(hints[key]) or (hints[key],)
-        if setting is None and type(None) in allowed:
-            continue
-        numbers = (int, float) if float in allowed else (int,) if int in allowed else ()
-        fits = isinstance(setting, (*numbers, *(t for t in allowed if t in (str, bool))))
-        if isinstance(setting, bool) and bool not in allowed or not fits:
-            kind = getattr(hints[key], "__name__", str(hints[key]))
+        kind = (
+            ""
+            if setting is None and type(None) in typing.get_args(hints[key])
+            else _type_mismatch(setting, hints[key])
+        )
+        if kind:
             return f"has {key} = {setting!r}, which must be {kind}"
     return ""
+
+
+def _type_mismatch(value: Any, hint: Any) -> str:
+    """The type(s) ``hint`` allows, where ``value`` (not None) is none of them; "" where it fits. An int
+    fits a float; a bool fits only a bool."""
+    allowed = typing.get_args(hint) or (hint,)
+    numbers = (int, float) if float in allowed else (int,) if int in allowed else ()
+    if isinstance(value, bool):
+        fits = bool in allowed
+    else:
+        fits = isinstance(value, (*numbers, *(t for t in allowed if t in (str, dict))))
+    return "" if fits else " or ".join(getattr(t, "__name__", str(t)) for t in allowed if t is not type(None))

@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -136,13 +137,18 @@ def _device(name: str):
         raise UsageError(str(exc)) from None
 
 
+def _as_usage(parse: Callable[..., Any], *args: Any) -> Any:
+    """``parse(*args)``, its ValueError (a bad option value) a usage error (exit 2, one line)."""
+    try:
+        return parse(*args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _targets(spec: str | None, available: tuple[str, ...]) -> tuple[str, ...]:
     from se3tcli.targets import parse_targets
 
-    try:
-        return parse_targets(spec, available)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    return _as_usage(parse_targets, spec, available)
 
 
 # ----------------------------------------------------------------------------- predict
@@ -326,25 +332,6 @@ def _shown_default(default: Any) -> str | bool:
     return str(default)
 
 
-def _train_targets(spec: str) -> tuple[tuple[str, ...], dict[str, dict]]:
-    """``--targets`` of a run: the names, and the new targets' definitions (``NAME:UNIT[:extensive]``)."""
-    from se3tcli.targets import QM9_TARGETS, parse_train_targets
-
-    try:
-        return parse_train_targets(spec, QM9_TARGETS)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _options_from_file(path: Path) -> dict[str, Any]:
-    from se3tcli.train.config_file import options_from_file
-
-    try:
-        return options_from_file(path)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 @app.command()
 @guarded
 @_with_options_of(TrainOptions)
@@ -374,13 +361,16 @@ def train(
     """Train (or --resume) a model; writes config, split, metrics, best.pt, last.pt, test metrics and
     test predictions."""
     from se3tcli.render import RichTrainingReporter, metrics_table
+    from se3tcli.targets import QM9_TARGETS, parse_train_targets
     from se3tcli.train import Trainer
+    from se3tcli.train.config_file import options_from_file
 
     options = {name: value for name, value in given.items() if value is not None}
     if config is not None:
-        options = _options_from_file(config) | options
+        options = _as_usage(options_from_file, config) | options
     if "targets" in options:  # not given: the data set's (or, on resume, the run's) targets
-        names, new = _train_targets(options["targets"])
+        # the names, and the new targets' definitions (NAME:UNIT[:extensive])
+        names, new = _as_usage(parse_train_targets, options["targets"], QM9_TARGETS)
         options["targets"], options["user_targets"] = names, (options.get("user_targets") or {}) | new
     for name in ("out", "cache"):  # paths on the command line, strings in the record
         if options.get(name) is not None:

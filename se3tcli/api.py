@@ -9,7 +9,8 @@
 
 The rows are the command line's: one per record, in input order, with the same statuses (``ok``,
 ``warning``, ``error``), messages, units and values (float32 precision, ``None`` where a value cannot be
-given), and the dipole vector's components ``mu_x``, ``mu_y``, ``mu_z`` beside ``mu`` for models with a
+given), a standard deviation beside each target (``homo_sigma``, in the target's unit) for models with an
+uncertainty head, and the dipole vector's components ``mu_x``, ``mu_y``, ``mu_z`` for models with a
 dipole head.
 """
 

@@ -38,9 +38,10 @@ def build_card(
     evaluation: dict[str, Any] | None = None,
     training_command: str = "",
     description: str = "",
+    uncertainty: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The model card of ``checkpoint`` (saved at ``checkpoint_path``); the test errors and how they were
-    measured where an export measured them."""
+    measured, and the uncertainty head's calibration, where an export measured them."""
     test_metrics = test_metrics or {}
     training = checkpoint.get("training", {})
     options = training.get("options", {})
@@ -85,6 +86,7 @@ def build_card(
         },
         "test_errors": errors,
         "evaluation": evaluation or {},
+        "uncertainty": uncertainty or {},
         "limitations": CARD_LIMITATIONS,
         "versions": {"se3t": __version__, "torch": str(torch.__version__), "e3nn": e3nn.__version__},
     }
@@ -100,6 +102,7 @@ def write_model(
     training_command: str,
     device: str,
     description: str = "",
+    uncertainty: dict[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``dest/NAME.pt`` (without resume state) and ``dest/NAME.json``; both atomically."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,15 @@ def write_model(
         "n_molecules": next(iter(test_metrics.values()))["n"] if test_metrics else 0,
     }
     card = build_card(
-        name, stripped, pt_path, n_parameters, test_metrics, evaluation, training_command, description
+        name,
+        stripped,
+        pt_path,
+        n_parameters,
+        test_metrics,
+        evaluation,
+        training_command,
+        description,
+        uncertainty,
     )
     card_path = dest / f"{name}.json"
     with atomic_write(card_path) as handle:

@@ -609,12 +609,20 @@ def export(
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     cache: Annotated[Path | None, typer.Option(help="QM9 cache directory.")] = None,
+    uncertainty: Annotated[
+        bool, typer.Option(help="Fit and calibrate the uncertainty head (a sigma per prediction).")
+    ] = True,
+    uncertainty_molecules: Annotated[
+        int, typer.Option(min=1, help="Training molecules the uncertainty head learns from.")
+    ] = 50_000,
+    uncertainty_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the uncertainty head.")] = 20,
     debug: DebugOption = False,
 ) -> None:
-    """Package a checkpoint as a model: test-split errors, NAME.pt and its model card NAME.json."""
+    """Package a checkpoint as a model: test-split errors, a calibrated uncertainty head, NAME.pt and its
+    model card NAME.json."""
     from se3tcli.card import write_model
     from se3tcli.checkpoint import model_from_checkpoint, read_checkpoint
-    from se3tcli.render import metrics_table
+    from se3tcli.render import calibration_table, metrics_table
     from se3tcli.train import labelled_for_checkpoint, split_predictions
 
     torch_device = _device(device)
@@ -622,6 +630,21 @@ def export(
     model = model_from_checkpoint(data, checkpoint).to(torch_device)
     labelled = labelled_for_checkpoint(data, cache=str(cache) if cache else None)
     _, _, metrics = split_predictions(model, labelled, "test", batch_size, torch_device)
+    report = None
+    if uncertainty:
+        from se3tcli.train.uncertainty import fit_uncertainty
+
+        with console.status("fitting the uncertainty head") as status:
+            report = fit_uncertainty(
+                model,
+                labelled,
+                data["normalization"]["loss_scale"],
+                torch_device,
+                molecules=uncertainty_molecules,
+                epochs=uncertainty_epochs,
+                on_epoch=lambda e, loss: status.update(f"uncertainty head: epoch {e}, loss {loss:.4f}"),
+            )
+        data = data | {"config": model.config.to_dict(), "state_dict": _cpu_state(model)}
     n_parameters = sum(p.numel() for p in model.parameters())
     evaluation_command = f"se3t evaluate --model {name} --split test"
     pt_path, card_path = write_model(
@@ -634,9 +657,16 @@ def export(
         training_command,
         str(torch_device),
         description,
+        report,
     )
     console.print(metrics_table(metrics, f"{name}: test split, {len(labelled.split['test'])} molecules"))
+    if report:
+        console.print(calibration_table(report))
     console.print(f"wrote {pt_path} and {card_path}", markup=False)
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def run() -> None:  # pragma: no cover - `python -m se3tcli`

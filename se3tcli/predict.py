@@ -27,7 +27,7 @@ from se3tcli.io.structure_checks import structure_warnings
 from se3tcli.model.heads import MU_VECTOR
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.prefetch import prefetch
-from se3tcli.targets import DIPOLE_COMPONENTS, DIPOLE_UNIT
+from se3tcli.targets import DIPOLE_COMPONENTS, DIPOLE_UNIT, sigma_key
 
 MAX_ATOMS_PER_BATCH = 4096
 # Larger molecules are error rows (--max-atoms-per-molecule). 10,000 atoms is 300 times the largest training
@@ -110,6 +110,26 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _OUT_OF_MEMORY_MESSAGES)
 
 
+def low_confidence_thresholds(model: SE3Transformer) -> dict[str, float]:
+    """Per target, the sigma above which a prediction is flagged as low confidence (none without an
+    uncertainty head)."""
+    head = model.uncertainty
+    if head is None:
+        return {}
+    return {t: float(v) for t, v in zip(head.targets, head.threshold.tolist(), strict=True)}
+
+
+def _confidence(molecule: Molecule, values: Prediction | None, thresholds: dict[str, float]) -> Molecule:
+    """A warning on a row whose sigma exceeds its target's low-confidence threshold."""
+    if not values:
+        return molecule
+    low = [t for t, limit in thresholds.items() if values.get(sigma_key(t), 0.0) > limit]
+    if not low:
+        return molecule
+    reason = f"low confidence in {', '.join(low)}: sigma above the model's threshold (see its card)"
+    return _with_status(molecule, STATUS_WARNING, reason)
+
+
 def _finite_or_error(molecule: Molecule, values: Prediction | None) -> tuple[Molecule, Prediction | None]:
     """An error row instead of predictions that are not finite numbers (never an ``ok`` with blanks)."""
     bad = [t for t, v in (values or {}).items() if not math.isfinite(v)]
@@ -119,10 +139,15 @@ def _finite_or_error(molecule: Molecule, values: Prediction | None) -> tuple[Mol
 
 
 def _per_molecule(out: dict[str, torch.Tensor], targets: tuple[str, ...], n_mol: int) -> list[Prediction]:
-    """The model's outputs (``{target: [n_mol]}``, ``mu_vector [n_mol, 3]`` D) as one dict per molecule:
-    the targets, then the dipole vector's components where ``mu`` is a target and the model has a dipole
-    head (see :func:`output_units`)."""
-    columns = {t: out[t] for t in targets}
+    """The model's outputs (``{target: [n_mol]}``, ``mu_vector [n_mol, 3]`` D, ``{target_sigma: [n_mol]}``)
+    as one dict per molecule: each target followed by its sigma where the model has an uncertainty head,
+    then the dipole vector's components where ``mu`` is a target and the model has a dipole head (see
+    :func:`output_units`)."""
+    columns = {}
+    for t in targets:
+        columns[t] = out[t]
+        if sigma_key(t) in out:
+            columns[sigma_key(t)] = out[sigma_key(t)]
     if "mu" in targets and MU_VECTOR in out:
         columns |= dict(zip(DIPOLE_COMPONENTS, out[MU_VECTOR].unbind(1), strict=True))
     values = {name: column.double().cpu().numpy() for name, column in columns.items()}  # {name: [n_mol]}
@@ -178,6 +203,7 @@ def predict_stream(
     Molecules of more than ``max_atoms_per_molecule`` atoms (``None``: no limit) are error rows."""
     targets = targets or loaded.targets
     model = loaded.model.to(device).eval()
+    thresholds = {t: v for t, v in low_confidence_thresholds(model).items() if t in targets}
     pending: list[Molecule] = []  # molecules waiting for their batch, errors included, in order
     n_ready, n_atoms = 0, 0
 
@@ -188,7 +214,8 @@ def predict_stream(
             values = next(results) if m.ok else None
             if isinstance(values, str):  # did not fit in memory, even alone
                 m, values = _with_status(m, STATUS_ERROR, values), None
-            yield _finite_or_error(m, values)
+            m, values = _finite_or_error(m, values)
+            yield _confidence(m, values, thresholds), values
 
     for molecule in prefetch(molecules, PREFETCH_RECORDS):
         molecule = check_domain(check_size(molecule, max_atoms_per_molecule), loaded)
@@ -203,10 +230,15 @@ def predict_stream(
 
 
 def output_units(loaded: LoadedModel, targets: tuple[str, ...]) -> dict[str, str]:
-    """The quantities the predictions of ``targets`` carry, in order, with their units: the targets, then
-    the dipole vector's components (D, in the input's axes) where ``mu`` is one of them and the model has a
+    """The quantities the predictions of ``targets`` carry, in order, with their units: the targets (each
+    followed by its sigma, in its unit, where the model has an uncertainty head), then the dipole vector's
+    components (D, in the input's axes) where ``mu`` is one of them and the model has a
     dipole head."""
-    units = {t: loaded.units[t] for t in targets}
+    units = {}
+    for t in targets:
+        units[t] = loaded.units[t]
+        if loaded.model.uncertainty is not None:
+            units[sigma_key(t)] = loaded.units[t]
     if "mu" in targets and loaded.model.readout.use_dipole:
         units |= dict.fromkeys(DIPOLE_COMPONENTS, DIPOLE_UNIT)
     return units

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from se3tcli.errors import STATUS_ERROR, STATUS_WARNING
-from se3tcli.targets import PAPER_MAE, TARGETS
+from se3tcli.targets import PAPER_MAE, TARGETS, sigma_key
 from se3tcli.train import TrainingReporter
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 DEFAULT_DECIMALS = 4  # for targets whose typical error is unknown
+MAX_DECIMALS = 6  # for values with a sigma: even a tiny one
 NAME_WIDTH = 18  # widest name column before names fold onto more lines
 
 
@@ -62,6 +63,18 @@ def _header(target: str) -> str:
     return f"{target} [{TARGETS[target].unit}]"
 
 
+def _cell(values: dict | None, target: str, decimals: int) -> str:
+    """A target's value in the table: with ``decimals``, or with its sigma (``-6.85±0.11``) where the model
+    gives one, both rounded to the sigma's second significant digit."""
+    if not values:
+        return ""
+    value, sigma = values.get(target), values.get(sigma_key(target))
+    if value is None or sigma is None or not (math.isfinite(sigma) and sigma > 0):
+        return _fmt(value, decimals)
+    places = min(MAX_DECIMALS, max(0, 1 - math.floor(math.log10(sigma))))
+    return f"{_fmt(value, places)}±{_fmt(sigma, places)}"
+
+
 def predictions_table(
     rows: Sequence[tuple[Molecule, dict | None]],
     targets: Sequence[str],
@@ -69,10 +82,11 @@ def predictions_table(
     width: int | None = None,
 ) -> tuple[Table, list[str]]:
     """The predictions as a table no wider than ``width`` characters (no limit if None), each value
-    rounded to the model's precision (:func:`decimals_for` its typical error). Returns the table and the
+    rounded to the model's precision (:func:`decimals_for` its typical error), with ``±sigma`` where the
+    model gives one. Returns the table and the
     targets left out because they did not fit, which keep their order."""
     decimals = {t: decimals_for((typical_errors or {}).get(t)) for t in targets}
-    cells = {t: [_fmt(v.get(t), decimals[t]) if v else "" for _, v in rows] for t in targets}
+    cells = {t: [_cell(v, t, decimals[t]) for _, v in rows] for t in targets}
     name_width = min(NAME_WIDTH, max([4, *(len(plain(m.name)) for m, _ in rows)]))
     formula_width = max([7, *(len(m.formula) for m, _ in rows)])
     used = 1 + (name_width + 3) + (formula_width + 3) + (7 + 3)  # borders and padding: 3 per column
@@ -128,6 +142,27 @@ def metrics_table(metrics: dict[str, dict], title: str) -> Table:
             _fmt(m.get("r2")),
             m["error_unit"],
             "" if paper is None else f"{paper:g}",
+        )
+    return table
+
+
+def calibration_table(report: dict[str, Any]) -> Table:
+    """The uncertainty head's calibration per target (an export's report, see se3tcli.train.uncertainty):
+    Spearman(|error|, sigma), coverage of ±1 and ±2 sigma (ideal 68 % and 95 %), miscalibration area."""
+    scored = report["scored_on"]
+    table = Table(title=Text(f"uncertainty: {scored['split']} split, {scored['molecules']} molecules"))
+    for name in ("target", "Spearman", "within 1σ", "within 2σ", "miscal. area", "mean σ", "MAE", "unit"):
+        table.add_column(name, justify="left" if name in ("target", "unit") else "right")
+    for t, m in report["targets"].items():
+        table.add_row(
+            t,
+            _fmt(m["spearman"], 2),
+            f"{m['within_1_sigma']:.0%}",
+            f"{m['within_2_sigma']:.0%}",
+            f"{m['miscalibration_area']:.3f}",
+            f"{m['mean_sigma_error_unit']:.3g}",
+            f"{m['mae_error_unit']:.3g}",
+            m["error_unit"],
         )
     return table
 

@@ -73,6 +73,12 @@ STATUS_TAG = "se3t_status"
 INPUT_TAG_SUFFIX = "_input"
 
 
+def sigma_key(target: str) -> str:
+    """The name of a target's standard deviation in a model's outputs and in predictions (``homo_sigma``;
+    in files ``homo_sigma_eV``). User targets' names have no underscore, so it never names a target."""
+    return f"{target}_sigma"
+
+
 def column_name(quantity: str, unit: str) -> str:
     """The name of a value in output files and DataFrames (CSV column, SD tag, JSON key):
     ``<quantity>_<unit>`` with the unit as an identifier (``homo_eV``, ``alpha_bohr3``, ``mu_x_D``,

@@ -24,6 +24,7 @@ MAX_SIZES = {
     "n_radial": 4096,
     "radial_hidden": 4096,
     "readout_hidden": 4096,
+    "uncertainty_hidden": 4096,
 }
 MAX_CUTOFF = 20.0  # Å
 
@@ -47,6 +48,7 @@ class ModelConfig:
     radial_hidden: int = 32  # width of the radial network, shared by all layers
     readout_hidden: int = 64
     dipole_head: bool = True  # predict mu as |dipole vector| from charges and atomic dipoles
+    uncertainty_hidden: int = 0  # width of the uncertainty head (model/uncertainty.py); 0: no head
     # Targets QM9 lacks, defined by the user: {name: {"unit": str, "extensive": bool}}.
     user_targets: dict = dataclasses.field(default_factory=dict, hash=False)
 
@@ -63,6 +65,8 @@ class ModelConfig:
             problems.append(f"nonlinearity must be one of {NONLINEARITIES}")
         sizes = ("channels", "n_heads", "n_layers", "n_radial", "radial_hidden", "readout_hidden")
         too_small = [name for name in sizes if getattr(self, name) < 1]
+        if self.uncertainty_hidden < 0:
+            problems.append("uncertainty_hidden must be >= 0 (0: no uncertainty head)")
         if too_small:
             problems.append(f"{', '.join(too_small)} must be >= 1")
         elif self.channels % self.n_heads:  # n_heads >= 1 here (0 used to raise ZeroDivisionError)

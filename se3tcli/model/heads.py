@@ -23,6 +23,20 @@ def scatter_sum(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tens
     return values.new_zeros((n, *values.shape[1:])).index_add_(0, index, values)
 
 
+def atom_invariants(h: torch.Tensor, lmax: int) -> torch.Tensor:
+    """``h [n_atoms, C, D]`` -> ``[n_atoms, C * (lmax + 1)]``: the scalar channels and the norms of every
+    higher degree (all invariant)."""
+    norms = [torch.sqrt(h[:, :, degree_slice(l)].pow(2).sum(-1) + 1e-12) for l in range(1, lmax + 1)]
+    return torch.cat([h[:, :, 0], *norms], dim=1)
+
+
+def pool(per_atom: torch.Tensor, extensive: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """``[n_atoms, T]`` -> ``[n_mol, T]``: sums for extensive targets, means for intensive ones."""
+    counts = batch.n_atoms_per_mol.clamp_min(1).to(per_atom.dtype)  # [n_mol]
+    summed = scatter_sum(per_atom, batch.mol_index, batch.n_mol)
+    return torch.where(extensive, summed, summed / counts[:, None])
+
+
 class Readout(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -50,17 +64,14 @@ class Readout(nn.Module):
     def forward(self, h: torch.Tensor, element: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """``h [n_atoms, C, D]`` -> ``{target: [n_mol]}`` (and ``mu_vector [n_mol, 3]``)."""
         scalars = h[:, :, 0]  # [n_atoms, C], invariant
-        norms = [torch.sqrt(h[:, :, degree_slice(l)].pow(2).sum(-1) + 1e-12) for l in range(1, self.lmax + 1)]
-        invariants = torch.cat([scalars, *norms], dim=1)  # [n_atoms, C * (lmax + 1)]
-        n_mol, mol = batch.n_mol, batch.mol_index
-        counts = batch.n_atoms_per_mol.clamp_min(1).to(h.dtype)  # [n_mol]
-        per_atom = self.mlp(invariants) * self.std + self.mean  # [n_atoms, T]
+        per_atom = self.mlp(atom_invariants(h, self.lmax)) * self.std + self.mean  # [n_atoms, T]
         ext = self.extensive
         per_atom = per_atom + torch.where(ext, self.atom_refs[element], torch.zeros_like(per_atom))
-        summed = scatter_sum(per_atom, mol, n_mol)  # [n_mol, T]
-        pooled = torch.where(ext, summed, summed / counts[:, None])
+        pooled = pool(per_atom, ext, batch)  # [n_mol, T]
         out = {t: pooled[:, i] for i, t in enumerate(self.scalar_targets)}
         if self.use_dipole:
+            n_mol, mol = batch.n_mol, batch.mol_index
+            counts = batch.n_atoms_per_mol.clamp_min(1).to(h.dtype)  # [n_mol]
             charges = self.charge(scalars).squeeze(1)  # [n_atoms] e
             charges = charges - (scatter_sum(charges, mol, n_mol) / counts)[mol]  # neutral molecules
             dipoles = E_ANGSTROM_TO_DEBYE * charges[:, None] * batch.pos  # [n_atoms, 3] D

@@ -13,6 +13,7 @@ from se3tcli.model.basis import AngularBasis, BesselBasis, EdgeGeometry
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.heads import Readout
 from se3tcli.model.norm import make_activation
+from se3tcli.model.uncertainty import UncertaintyHead
 
 _N_ELEMENTS = 119
 
@@ -59,6 +60,7 @@ class SE3Transformer(nn.Module):
         )
         self.final_activation = make_activation(config.nonlinearity, c, config.lmax)
         self.readout = Readout(config)
+        self.uncertainty = UncertaintyHead(config) if config.uncertainty_hidden else None
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> SE3Transformer:
@@ -124,7 +126,9 @@ class SE3Transformer(nn.Module):
             self.check_elements(z)
         return element
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h [n_atoms, C, D], element [n_atoms])``: the atom features the readout (and the uncertainty
+        heads) read, and each atom's index in the model's element list."""
         element = self.elements_of(batch.z)
         geometry = self.geometry(batch)
         c, dim = self.config.channels, (self.config.lmax + 1) ** 2
@@ -132,4 +136,13 @@ class SE3Transformer(nn.Module):
         h[:, :, 0] = self.embedding(element)  # [n_atoms, C, D]: scalars only at the start
         for layer in self.layers:
             h = layer(h, geometry)
-        return self.readout(self.final_activation(h), element, batch)
+        return self.final_activation(h), element
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """``{target: [n_mol]}`` in display units, ``mu_vector [n_mol, 3]`` with a dipole head and
+        ``{target_sigma: [n_mol]}`` with an uncertainty head."""
+        h, element = self.features(batch)
+        out = self.readout(h, element, batch)
+        if self.uncertainty is not None:
+            out |= self.uncertainty(h, batch)
+        return out

@@ -131,7 +131,9 @@ class TrainOptions:
                 "--init-from takes its model settings from the checkpoint, and these differ: "
                 + "; ".join(differing)
             )
-        return base.replace(**targets)
+        # The source's uncertainty head measured the source's errors: a fine-tuned model gets its own when
+        # exported (se3t export fits it), not a stale one.
+        return base.replace(**targets, uncertainty_hidden=0)
 
     def _user_targets(self, base: ModelConfig | None) -> dict[str, dict]:
         """The definitions of this run's targets that QM9 lacks: new ones, or ``base``'s own."""

@@ -1,0 +1,269 @@
+"""The uncertainty head: calibration arithmetic, the head's invariance, its fit and calibration on tiny
+data, and its plumbing through export, predict (table, files, low-confidence warnings) and fine-tuning."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, random_molecule, tiny_train_options
+from e3nn import o3
+from typer.testing import CliRunner
+
+from se3tcli.checkpoint import load_model, model_from_checkpoint, read_checkpoint
+from se3tcli.cli import app
+from se3tcli.data.labels import label_value
+from se3tcli.equivariance import _predict, check_equivariance
+from se3tcli.graph import collate
+from se3tcli.model.config import ModelConfig
+from se3tcli.model.transformer import SE3Transformer
+from se3tcli.predict import low_confidence_thresholds
+from se3tcli.render import predictions_table
+from se3tcli.targets import sigma_key
+from se3tcli.train import labelled_for_checkpoint
+from se3tcli.train.calibration import calibration_metrics, fit_calibration, miscalibration_area, spearman
+from se3tcli.train.uncertainty import fit_uncertainty
+
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------- calibration arithmetic
+
+
+def test_normal_errors_with_their_true_sigma_are_calibrated():
+    rng = np.random.default_rng(0)
+    sigma = rng.uniform(0.1, 2.0, 40_000)
+    errors = rng.normal(0.0, sigma)
+    m = calibration_metrics(errors, sigma)
+    assert m["within_1_sigma"] == pytest.approx(0.683, abs=0.01)
+    assert m["within_2_sigma"] == pytest.approx(0.954, abs=0.01)
+    assert m["miscalibration_area"] < 0.01
+    assert m["spearman"] > 0.3  # larger sigmas do go with larger errors
+    # sigmas twice too large: the fitted factor halves them, and the area was large before
+    assert fit_calibration(errors, 2 * sigma) == pytest.approx(0.5, rel=0.03)
+    assert miscalibration_area(errors, 2 * sigma) > 0.15
+    assert miscalibration_area(errors, 10 * sigma) > 0.4
+
+
+def test_miscalibration_area_by_hand():
+    # every |error| exactly 1 sigma: coverage 0 below z = 1 (p < 0.683), 1 from there on
+    errors, sigma = np.ones(10), np.ones(10)
+    p = np.linspace(0.01, 0.99, 99)
+    expected = np.where(p < 0.6827, p, 1 - p).mean()
+    assert miscalibration_area(errors, sigma) == pytest.approx(expected, abs=0.006)
+
+
+def test_spearman_by_hand():
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)
+    # ties get their average rank: ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3)
+    a, b = np.array([1, 1, 2, 3.0]), np.array([1, 2, 3, 4.0])
+    ra, rb = np.array([0.5, 0.5, 2, 3]), np.arange(4.0)
+    expected = np.corrcoef(ra, rb)[0, 1]
+    assert spearman(a, b) == pytest.approx(expected)
+    assert spearman(np.ones(5), np.arange(5.0)) is None
+    assert spearman(np.ones(1), np.ones(1)) is None
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+def _model_with_head(targets=("mu", "homo", "U0"), dtype=torch.float64) -> SE3Transformer:
+    config = ModelConfig(targets=targets, uncertainty_hidden=16, **TINY)
+    model = SE3Transformer(config).to(dtype).eval()
+    torch.manual_seed(3)
+    for p in model.uncertainty.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    model.uncertainty.loss_scale.copy_(torch.tensor([0.5, 0.2, 1.5]))
+    model.uncertainty.calibration.copy_(torch.tensor([1.2, 0.8, 2.0]))
+    return model
+
+
+def test_head_gives_a_positive_sigma_per_target_that_grows_with_size_for_extensive_ones():
+    model = _model_with_head()
+    rng = np.random.default_rng(1)
+    small = random_molecule(rng, 4)
+    large = (np.tile(small[0], 4), np.concatenate([small[1] + [8.0 * k, 0, 0] for k in range(4)]))
+    with torch.no_grad():
+        out = model(collate([small, large], model.config.cutoff).to("cpu", torch.float64))
+    for t in ("mu", "homo", "U0"):
+        assert bool((out[sigma_key(t)] > 0).all())
+    # four far-apart copies: the extensive U0's sigma adds up (but for the floor added once per molecule),
+    # the intensive homo's stays
+    assert float(out["U0_sigma"][1]) == pytest.approx(4 * float(out["U0_sigma"][0]), rel=1e-4)
+    assert float(out["homo_sigma"][1]) == pytest.approx(float(out["homo_sigma"][0]), rel=1e-6)
+
+
+def test_sigma_is_invariant_and_checked_by_check_equivariance():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _model_with_head()
+    rng = np.random.default_rng(2)
+    numbers, positions = random_molecule(rng, 7)
+    outputs = _predict(model, numbers, positions, torch.float64, "cpu")
+    assert {"mu_sigma", "homo_sigma", "U0_sigma"} <= set(outputs)
+    rotation = o3.rand_matrix(dtype=torch.float64).numpy()
+    perm = rng.permutation(len(numbers))
+    moved = _predict(model, numbers[perm], (positions @ rotation.T + 3.0)[perm], torch.float64, "cpu")
+    for t in ("mu", "homo", "U0"):
+        np.testing.assert_allclose(moved[sigma_key(t)], outputs[sigma_key(t)], rtol=1e-10)
+    mirrored = _predict(model, numbers, -positions, torch.float64, "cpu")
+    np.testing.assert_allclose(mirrored["homo_sigma"], outputs["homo_sigma"], rtol=1e-10)
+    results = check_equivariance(model, [("m", numbers, positions)], trials=1)
+    assert all(r.passed for r in results)
+
+
+def test_check_equivariance_fails_a_sigma_that_is_not_invariant():
+    model = _model_with_head()
+    head_forward = model.uncertainty.forward
+
+    def tilted(h, batch):  # depends on the absolute x coordinates: not invariant
+        out = head_forward(h, batch)
+        out["homo_sigma"] = out["homo_sigma"] + batch.pos[:, 0].abs().sum()
+        return out
+
+    model.uncertainty.forward = tilted
+    numbers, positions = random_molecule(np.random.default_rng(4), 6)
+    results = check_equivariance(model, [("m", numbers, positions)], trials=1)
+    assert not all(r.passed for r in results if r.transform == "rotation")
+
+
+# ----------------------------------------------------------------------------- fit, export, predict
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported with a fitted uncertainty head (``dest/tiny.pt``)."""
+    dest = tmp_path_factory.mktemp("exported")
+    args = ["export", str(tiny_checkpoint), "--name", "tiny", "--dest", str(dest), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--uncertainty-epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "uncertainty" in result.output
+    return dest / "tiny.pt"
+
+
+def test_fit_calibrates_every_target_and_reports_on_the_test_split(tiny_checkpoint: Path):
+    data = read_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(data, tiny_checkpoint)
+    labelled = labelled_for_checkpoint(data)
+    epochs = []
+    report = fit_uncertainty(
+        model,
+        labelled,
+        data["normalization"]["loss_scale"],
+        torch.device("cpu"),
+        epochs=2,
+        width=8,
+        on_epoch=lambda e, loss: epochs.append((e, loss)),
+    )
+    assert [e for e, _ in epochs] == [1, 2] and all(np.isfinite(loss) for _, loss in epochs)
+    assert model.config.uncertainty_hidden == 8 and model.uncertainty is not None
+    assert set(report["targets"]) == set(model.targets)
+    assert report["scored_on"]["split"] == "test"
+    assert report["scored_on"]["molecules"] == len(labelled.split["test"])
+    assert report["fitted_on"]["train_molecules"] == len(labelled.split["train"])
+    for m in report["targets"].values():
+        assert m["calibration"] > 0 and np.isfinite(m["low_confidence_sigma"])
+        assert 0 <= m["within_1_sigma"] <= m["within_2_sigma"] <= 1
+        assert 0 <= m["miscalibration_area"] <= 0.5
+    thresholds = low_confidence_thresholds(model)
+    assert thresholds == pytest.approx({t: m["low_confidence_sigma"] for t, m in report["targets"].items()})
+
+
+def test_export_writes_the_head_and_its_calibration_to_checkpoint_and_card(exported: Path):
+    checkpoint = torch.load(exported, map_location="cpu", weights_only=True)
+    assert checkpoint["config"]["uncertainty_hidden"] > 0
+    assert any(k.startswith("uncertainty.") for k in checkpoint["state_dict"])
+    card = json.loads(exported.with_suffix(".json").read_text())
+    unc = card["uncertainty"]
+    assert set(unc["targets"]) == set(checkpoint["targets"]) and unc["scored_on"]["split"] == "test"
+    loaded = load_model(str(exported))
+    head = loaded.model.uncertainty
+    for i, t in enumerate(head.targets):
+        assert float(head.calibration[i]) == pytest.approx(unc["targets"][t]["calibration"])
+        assert float(head.threshold[i]) == pytest.approx(unc["targets"][t]["low_confidence_sigma"])
+
+
+def test_export_without_uncertainty_has_no_head(tiny_checkpoint: Path, tmp_path: Path):
+    args = ["export", str(tiny_checkpoint), "--name", "plain", "--dest", str(tmp_path), "--no-uncertainty"]
+    assert runner.invoke(app, [*args, "--device", "cpu"]).exit_code == 0
+    assert load_model(str(tmp_path / "plain.pt")).model.uncertainty is None
+    assert json.loads((tmp_path / "plain.json").read_text())["uncertainty"] == {}
+
+
+def test_predict_writes_a_sigma_beside_each_target_and_shows_it(exported: Path, samples: Path, tmp_path):
+    out = tmp_path / "p.csv"
+    result = runner.invoke(
+        app, ["predict", str(samples / "qm9_sample.sdf"), "--model", str(exported), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with open(out) as handle:
+        rows = list(csv.DictReader(handle))
+    header = list(rows[0])
+    targets = load_model(str(exported)).targets
+    for t in targets:
+        unit_column = next(c for c in header if c.startswith(f"{t}_") and "sigma" not in c)
+        assert header[header.index(unit_column) + 1] == unit_column.replace(f"{t}_", f"{t}_sigma_", 1)
+    sigmas = [float(r[c]) for r in rows for c in header if "_sigma_" in c]
+    assert sigmas and all(s > 0 for s in sigmas)
+    assert "±" in result.output
+    # read back as labels, a sigma column never counts as the target's value
+    row = rows[0]
+    homo = next(c for c in header if c.startswith("homo_") and "sigma" not in c)
+    assert label_value({k: row[k] for k in (homo, homo.replace("homo_", "homo_sigma_"))}, "homo") == float(
+        row[homo]
+    )
+    assert label_value({homo.replace("homo_", "homo_sigma_"): row[homo]}, "homo") is None
+
+
+def test_sigma_above_the_threshold_makes_a_low_confidence_warning(exported: Path, samples: Path, tmp_path):
+    loaded = load_model(str(exported))
+    loaded.model.uncertainty.threshold.zero_()  # every sigma is above it
+    from se3tcli.io import read_molecules
+    from se3tcli.predict import predict_stream
+
+    rows = list(predict_stream(loaded, read_molecules([samples / "qm9_sample.xyz"]), torch.device("cpu")))
+    assert rows and all(m.status == "warning" and "low confidence in" in m.message for m, _ in rows)
+    loaded.model.uncertainty.threshold.fill_(float("inf"))
+    rows = list(predict_stream(loaded, read_molecules([samples / "qm9_sample.xyz"]), torch.device("cpu")))
+    assert not any("low confidence" in m.message for m, _ in rows)
+
+
+def test_table_rounds_value_and_sigma_to_the_sigma_precision():
+    from se3tcli.io import Molecule
+
+    molecule = Molecule("m", "x", 0, np.array([6, 1]), np.zeros((2, 3)), {}, "ok")
+    values = {"homo": -6.123456, "homo_sigma": 0.0834, "lumo": 1.5, "lumo_sigma": 1.26}
+    table, _ = predictions_table([(molecule, values)], ["homo", "lumo"], {"homo": 0.1, "lumo": 0.1})
+    cells = [list(column.cells)[0] for column in table.columns[3:]]
+    assert cells == ["-6.123±0.083", "1.5±1.3"]
+
+
+def test_fine_tuning_drops_the_source_head(exported: Path, tmp_path: Path):
+    from se3tcli.train import Trainer
+
+    trained_on = read_checkpoint(exported)["training"]["data"]
+    options = tiny_train_options(
+        tmp_path / "ft",
+        init_from=str(exported),
+        targets=tuple(load_model(str(exported)).targets),
+        model_overrides=None,
+        dataset=trained_on["dataset"],
+        limit=trained_on["limit"],
+    )
+    trainer = Trainer(options)
+    trainer.setup()
+    assert trainer.model.uncertainty is None and trainer.model.config.uncertainty_hidden == 0
+
+
+def test_api_rows_carry_the_sigmas(exported: Path):
+    import se3tcli as se3t
+
+    model = se3t.load_model(str(exported), device="cpu")
+    row = model.predict("CCO ethanol")[0]
+    for t in model.targets:
+        assert row.values[sigma_key(t)] > 0 and row.units[sigma_key(t)] == row.units[t]
+    assert "homo_sigma_eV" in row.to_dict()

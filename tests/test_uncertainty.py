@@ -20,6 +20,7 @@ from se3tcli.data.labels import label_value
 from se3tcli.equivariance import _predict, check_equivariance
 from se3tcli.graph import collate
 from se3tcli.model.config import ModelConfig
+from se3tcli.model.heads import atom_invariants
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.predict import low_confidence_thresholds
 from se3tcli.render import predictions_table
@@ -98,9 +99,36 @@ def test_head_gives_a_positive_sigma_per_target_that_grows_with_size_for_extensi
     assert float(out["homo_sigma"][1]) == pytest.approx(float(out["homo_sigma"][0]), rel=1e-6)
 
 
+def test_novelty_adds_its_sigma_per_unit_beyond_the_training_percentile():
+    model = _model_with_head()
+    head = model.uncertainty
+    n_features = head.feature_mean.shape[1]
+    batch = collate([random_molecule(np.random.default_rng(5), 5)], model.config.cutoff).to(
+        "cpu", torch.float64
+    )
+    with torch.no_grad():
+        plain = model(batch)
+        head.whitening.copy_(torch.eye(n_features).expand_as(head.whitening))  # distance = |x| / sqrt(F)
+        h, element = model.features(batch)
+        invariants = atom_invariants(h, model.config.lmax)  # what the head reads
+        largest = float((invariants.norm(dim=1) / n_features**0.5).max())
+        head.novelty_scale.fill_(largest / 3.0)  # the molecule's novelty: 3
+        assert float(head.novelty(invariants, element, batch)[0]) == pytest.approx(3.0, rel=1e-6)
+        unchanged = model(batch)  # no novelty_sigma yet: sigma as before
+        assert all(torch.equal(unchanged[k], plain[k]) for k in plain)
+        head.novelty_sigma.copy_(torch.tensor([0.1, 0.2, 0.3]))
+        widened = model(batch)
+    for i, t in enumerate(("mu", "homo", "U0")):
+        extra = float(widened[sigma_key(t)][0] - plain[sigma_key(t)][0])
+        assert extra == pytest.approx(2.0 * [0.1, 0.2, 0.3][i], rel=1e-6)  # (3 - 1) units past 1
+
+
 def test_sigma_is_invariant_and_checked_by_check_equivariance():
     torch.backends.cuda.matmul.allow_tf32 = False
     model = _model_with_head()
+    model.uncertainty.whitening.copy_(torch.eye(model.uncertainty.whitening.shape[1]))
+    model.uncertainty.novelty_scale.fill_(0.05)  # every atom novel: the novelty term counts too
+    model.uncertainty.novelty_sigma.fill_(0.1)
     rng = np.random.default_rng(2)
     numbers, positions = random_molecule(rng, 7)
     outputs = _predict(model, numbers, positions, torch.float64, "cpu")
@@ -120,8 +148,8 @@ def test_check_equivariance_fails_a_sigma_that_is_not_invariant():
     model = _model_with_head()
     head_forward = model.uncertainty.forward
 
-    def tilted(h, batch):  # depends on the absolute x coordinates: not invariant
-        out = head_forward(h, batch)
+    def tilted(h, element, batch):  # depends on the absolute x coordinates: not invariant
+        out = head_forward(h, element, batch)
         out["homo_sigma"] = out["homo_sigma"] + batch.pos[:, 0].abs().sum()
         return out
 
@@ -166,9 +194,14 @@ def test_fit_calibrates_every_target_and_reports_on_the_test_split(tiny_checkpoi
     assert report["scored_on"]["molecules"] == len(labelled.split["test"])
     assert report["fitted_on"]["train_molecules"] == len(labelled.split["train"])
     for m in report["targets"].values():
-        assert m["calibration"] > 0 and np.isfinite(m["low_confidence_sigma"])
+        assert m["calibration"] > 0 and np.isfinite(m["low_confidence_sigma"]) and m["novelty_sigma"] > 0
         assert 0 <= m["within_1_sigma"] <= m["within_2_sigma"] <= 1
         assert 0 <= m["miscalibration_area"] <= 0.5
+    assert 0 <= report["scored_on"]["novel_fraction"] <= 1
+    head = model.uncertainty  # the elements of the training atoms have a fitted distribution, others none
+    seen = {int(z) for i in labelled.split["train"] for z in labelled.data.molecule(int(i))[0]}
+    fitted = (head.whitening.flatten(1).abs().sum(1) > 0).tolist()
+    assert fitted == [z in seen for z in model.config.elements] and bool((head.novelty_scale > 0).all())
     thresholds = low_confidence_thresholds(model)
     assert thresholds == pytest.approx({t: m["low_confidence_sigma"] for t, m in report["targets"].items()})
 

@@ -144,5 +144,5 @@ class SE3Transformer(nn.Module):
         h, element = self.features(batch)
         out = self.readout(h, element, batch)
         if self.uncertainty is not None:
-            out |= self.uncertainty(h, batch)
+            out |= self.uncertainty(h, element, batch)
         return out

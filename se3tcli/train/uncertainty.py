@@ -1,12 +1,14 @@
 """Fitting a trained model's uncertainty head (:mod:`se3tcli.model.uncertainty`) and measuring it.
 
 The encoder and readout stay frozen. Their atom features and errors on training molecules are computed
-once; the head learns the expected absolute error of each target from them (Laplace negative
-log-likelihood of the errors, in loss-scale units). The validation split then fixes one calibration factor
-per target (:func:`~se3tcli.train.calibration.fit_calibration`) and the low-confidence threshold (the 99th
-percentile of sigma on validation molecules), and the test split measures the result
-(:func:`~se3tcli.train.calibration.calibration_metrics`). It costs one pass over the data and a small
-network's training, not a second model: a bundled model is re-fitted whenever it is exported.
+once; the error network learns the expected absolute error of each target from them (Laplace negative
+log-likelihood of the errors, in loss-scale units), and the same atoms give each element's feature
+distribution for the novelty term. The validation split then fixes one calibration factor per target
+(:func:`~se3tcli.train.calibration.fit_calibration`), the novelty term's sigma per unit (the median
+calibrated sigma) and the low-confidence threshold (the 99th percentile of sigma), and the test split
+measures the result (:func:`~se3tcli.train.calibration.calibration_metrics`). It costs one pass over the
+data and a small network's training, not a second model: a bundled model is re-fitted whenever it is
+exported.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from se3tcli.data.dataset import LabelledData
 from se3tcli.graph import Batch
+from se3tcli.model.heads import atom_invariants
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.model.uncertainty import UncertaintyHead
 from se3tcli.targets import TARGETS
@@ -30,12 +33,18 @@ METHOD = (
     "error head: an MLP on the frozen model's invariant atom features predicts each target's expected "
     "absolute error (Laplace likelihood of its errors on training molecules; sums over atoms for extensive "
     "targets, means for intensive ones), scaled by one factor per target that minimises the "
-    "miscalibration area on the validation split"
+    "miscalibration area on the validation split; plus a novelty term: beyond the 99.9th percentile of the "
+    "training atoms' Mahalanobis distances (per element), each unit of the molecule's largest atom novelty "
+    "adds the target's median validation sigma"
 )
 LOW_CONFIDENCE_QUANTILE = 0.99  # sigma above this quantile of the validation sigmas: low confidence
+NOVELTY_QUANTILE = 0.999  # of the training atoms' distances: novelty 1
+_SHRINKAGE = 1e-3  # covariance + this x its mean variance x I: invertible for few or collinear atoms
 DEFAULT_MOLECULES = 50_000  # training molecules the head learns from
 DEFAULT_EPOCHS = 20
 DEFAULT_WIDTH = 128
+
+Cached = list[tuple[torch.Tensor, torch.Tensor, Batch, torch.Tensor]]  # invariants, element, batch, errors
 
 
 def _features_only(batch: Batch) -> Batch:
@@ -47,8 +56,9 @@ def _features_only(batch: Batch) -> Batch:
 @torch.no_grad()
 def _features_and_errors(
     model: SE3Transformer, labelled: LabelledData, indices: np.ndarray, batch_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, Batch, torch.Tensor]]:
-    """Per batch: ``(h [n_atoms, C, D], batch, errors [b, T] in display units)`` of molecules ``indices``."""
+) -> Cached:
+    """Per batch of molecules ``indices``: ``(invariants [n_atoms, F], element [n_atoms], batch, errors
+    [b, T] in display units)``."""
     model.eval()
     targets = model.config.targets
     cached = []
@@ -57,27 +67,28 @@ def _features_and_errors(
         h, element = model.features(batch)
         out = model.readout(h, element, batch)
         pred = torch.stack([out[t] for t in targets], dim=1).double()
-        cached.append((h, _features_only(batch), pred - truth.to(device)))
+        invariants = atom_invariants(h, model.config.lmax)
+        cached.append((invariants, element, _features_only(batch), pred - truth.to(device)))
     return cached
 
 
 def _train(
     head: UncertaintyHead,
-    cached: list[tuple[torch.Tensor, Batch, torch.Tensor]],
+    cached: Cached,
     epochs: int,
     lr: float,
     seed: int,
     on_epoch: Callable[[int, float], None] | None,
 ) -> None:
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(head.mlp.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(cached)))
     head.train()
     for epoch in range(epochs):
         total = 0.0
         for k in torch.randperm(len(cached), generator=generator).tolist():
-            h, batch, errors = cached[k]
-            b = head.error_scale(h, batch).double()  # [b, T] loss-scale units
+            invariants, _, batch, errors = cached[k]
+            b = head.error_scale(invariants, batch).double()  # [b, T] loss-scale units
             r = errors.abs() / head.loss_scale.double()  # [b, T]
             loss = (torch.log(b) + r / b).mean()  # Laplace negative log-likelihood, up to a constant
             optimizer.zero_grad(set_to_none=True)
@@ -91,16 +102,53 @@ def _train(
 
 
 @torch.no_grad()
-def _sigma_and_errors(
+def _fit_novelty(head: UncertaintyHead, cached: Cached) -> None:
+    """Each element's feature mean, whitening and distance scale from the training atoms in ``cached``
+    (an element without at least two of them keeps zero whitening: no novelty)."""
+    n_elements, n_features = head.feature_mean.shape
+    count = torch.zeros(n_elements, dtype=torch.float64)
+    total = torch.zeros(n_elements, n_features, dtype=torch.float64)
+    outer = torch.zeros(n_elements, n_features, n_features, dtype=torch.float64)
+    for invariants, element, _, _ in cached:
+        x, e = invariants.double().cpu(), element.cpu()
+        for k in torch.unique(e).tolist():
+            mine = x[e == k]
+            count[k] += len(mine)
+            total[k] += mine.sum(0)
+            outer[k] += mine.T @ mine
+    for e in range(n_elements):
+        if count[e] < 2:
+            continue
+        mean = total[e] / count[e]
+        covariance = outer[e] / count[e] - torch.outer(mean, mean)
+        covariance += _SHRINKAGE * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(n_features)
+        head.feature_mean[e] = mean.to(head.feature_mean)
+        head.whitening[e] = torch.linalg.cholesky(torch.linalg.inv(covariance)).to(head.whitening)
+    distances: list[list[torch.Tensor]] = [[] for _ in range(n_elements)]
+    for invariants, element, _, _ in cached:
+        d = head.atom_distances(invariants, element).cpu()
+        for e in torch.unique(element).tolist():
+            distances[e].append(d[element.cpu() == e])
+    for e, parts in enumerate(distances):
+        if parts and count[e] >= 2:
+            scale = float(torch.quantile(torch.cat(parts).double(), NOVELTY_QUANTILE))
+            head.novelty_scale[e] = scale if scale > 0 else 1.0
+
+
+@torch.no_grad()
+def _split_scores(
     model: SE3Transformer, labelled: LabelledData, indices: np.ndarray, batch_size: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(sigma / calibration, errors)``, both ``[n, T]`` in display units, on molecules ``indices``."""
-    sigmas, errors = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(loss_scale * b [n, T] in display units, novelty [n], errors [n, T])`` on molecules ``indices``."""
     head = model.uncertainty
-    for h, batch, error in _features_and_errors(model, labelled, indices, batch_size, device):
-        sigmas.append((head.error_scale(h, batch) * head.loss_scale).double().cpu().numpy())
+    fitted, novelty, errors = [], [], []
+    for invariants, element, batch, error in _features_and_errors(
+        model, labelled, indices, batch_size, device
+    ):
+        fitted.append((head.error_scale(invariants, batch) * head.loss_scale).double().cpu().numpy())
+        novelty.append(head.novelty(invariants, element, batch).double().cpu().numpy())
         errors.append(error.cpu().numpy())
-    return np.concatenate(sigmas), np.concatenate(errors)
+    return np.concatenate(fitted), np.concatenate(novelty), np.concatenate(errors)
 
 
 def _per_target(targets, errors: np.ndarray, sigma: np.ndarray) -> dict[str, dict]:
@@ -134,8 +182,8 @@ def fit_uncertainty(
 ) -> dict[str, Any]:
     """Give ``model`` a fitted, calibrated uncertainty head (its config gets ``uncertainty_hidden =
     width``) and return the report for the model card: the method, what it was fitted on, and per target
-    the calibration factor, the low-confidence threshold and the calibration metrics on the test split
-    (on the validation split where a data set has no test molecules)."""
+    the calibration factor, the novelty term, the low-confidence threshold and the calibration metrics on
+    the test split (on the validation split where a data set has no test molecules)."""
     splits = labelled.split
     if not len(splits["train"]) or not len(splits["val"]):
         raise ValueError("fitting the uncertainty needs training and validation molecules")
@@ -148,27 +196,44 @@ def fit_uncertainty(
     model.uncertainty = head
     rng = np.random.default_rng(seed)
     train = np.sort(rng.permutation(splits["train"])[:molecules])
-    _train(head, _features_and_errors(model, labelled, train, batch_size, device), epochs, lr, seed, on_epoch)
+    cached = _features_and_errors(model, labelled, train, batch_size, device)
+    _train(head, cached, epochs, lr, seed, on_epoch)
+    _fit_novelty(head, cached)
+    del cached
 
-    raw_val, errors_val = _sigma_and_errors(model, labelled, splits["val"], batch_size, device)
-    factors = np.array([fit_calibration(errors_val[:, i], raw_val[:, i]) for i in range(len(targets))])
-    thresholds = np.quantile(raw_val * factors, LOW_CONFIDENCE_QUANTILE, axis=0)
+    fitted_val, novelty_val, errors_val = _split_scores(model, labelled, splits["val"], batch_size, device)
+    factors = np.array([fit_calibration(errors_val[:, i], fitted_val[:, i]) for i in range(len(targets))])
+    per_unit = np.median(fitted_val * factors, axis=0)  # the novelty term's sigma per unit past 1
+
+    def sigma(fitted: np.ndarray, novelty: np.ndarray) -> np.ndarray:
+        return fitted * factors + np.clip(novelty - 1.0, 0.0, None)[:, None] * per_unit
+
+    thresholds = np.quantile(sigma(fitted_val, novelty_val), LOW_CONFIDENCE_QUANTILE, axis=0)
     head.calibration.copy_(torch.from_numpy(factors))
+    head.novelty_sigma.copy_(torch.from_numpy(per_unit))
     head.threshold.copy_(torch.from_numpy(thresholds))
 
     scored = "test" if len(splits["test"]) else "val"
-    raw, errors = raw_val, errors_val
+    fitted, novelty, errors = fitted_val, novelty_val, errors_val
     if scored == "test":
-        raw, errors = _sigma_and_errors(model, labelled, splits["test"], batch_size, device)
-    metrics = _per_target(targets, errors, raw * factors)
+        fitted, novelty, errors = _split_scores(model, labelled, splits["test"], batch_size, device)
+    metrics = _per_target(targets, errors, sigma(fitted, novelty))
     for i, t in enumerate(targets):
-        metrics[t] |= {"calibration": float(factors[i]), "low_confidence_sigma": float(thresholds[i])}
+        metrics[t] |= {
+            "calibration": float(factors[i]),
+            "novelty_sigma": float(per_unit[i]),
+            "low_confidence_sigma": float(thresholds[i]),
+        }
     return {
         "method": METHOD,
         "fitted_on": {"train_molecules": int(len(train)), "epochs": epochs, "width": width, "seed": seed},
         "calibrated_on": {"split": "val", "molecules": int(len(splits["val"]))},
         "low_confidence": f"sigma above the {LOW_CONFIDENCE_QUANTILE:.0%} quantile of validation sigmas",
-        "scored_on": {"split": scored, "molecules": int(len(errors))},
+        "scored_on": {
+            "split": scored,
+            "molecules": int(len(errors)),
+            "novel_fraction": float((novelty > 1.0).mean()),  # molecules the novelty term widens
+        },
         "targets": metrics,
         "fit_seconds": round(time.perf_counter() - started, 1),
     }

@@ -1,12 +1,13 @@
 """Warnings about a structure's chemistry, judged from its atoms and coordinates: bonds far shorter than
-covalent radii allow, several disconnected fragments, carbon compounds without hydrogens, and (in
-atoms-only input such as XYZ, where charges are unknown) an odd number of electrons. Each is a reason
-the prediction may be far off; none stops it.
+covalent radii allow, atoms bonded to more neighbours than their valence allows, several disconnected
+fragments, carbon compounds without hydrogens, and (in atoms-only input such as XYZ, where charges are
+unknown) an odd number of electrons. Each is a reason the prediction may be far off; none stops it.
 
 Thresholds were set on 30,000 QM9 molecules (2026-12-01): no pair of their atoms is closer than 0.78 of
 the sum of its covalent radii (triple bonds), and with bonds up to 1.2x that sum every one is a single
-fragment; the thresholds below leave margin on both. (Bond-order perception, rdDetermineBonds, fails on
-5 % of QM9's own geometries, too often to judge valences by.)
+fragment; the thresholds below leave margin on both. Valences are judged by counting bonded neighbours
+(connectivity), not bond orders: bond-order perception (rdDetermineBonds) fails on 5 % of QM9's own
+geometries, too often to judge by.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from se3tcli.io.molecule import Molecule
 
 SHORT_BOND_FACTOR = 0.7  # a pair closer than this times its covalent radii sum is unphysical
 BOND_FACTOR = 1.25  # a pair closer than this times its covalent radii sum is bonded (fragments)
+# Closer than this, a pair surely is bonded (valences): in 30,000 QM9 molecules no atom has more neighbours
+# than MAX_NEIGHBOURS allows within 1.14x (within 1.25x, 4 % do, across small rings).
+VALENCE_BOND_FACTOR = 1.1
 _ALL_PAIRS_ATOMS = 256  # up to this many atoms, all pairs in numpy beat a neighbour search
+# The most bonded neighbours an atom of an element can have in a molecule (hypervalent P, S, I included);
+# elements not listed are not judged.
+MAX_NEIGHBOURS = {1: 1, 5: 4, 6: 4, 7: 4, 8: 3, 9: 1, 14: 6, 15: 6, 16: 6, 17: 1, 35: 1, 53: 5}
 
 
 def structure_warnings(molecule: Molecule) -> list[str]:
@@ -40,6 +47,7 @@ def structure_warnings(molecule: Molecule) -> list[str]:
             f"{distances[k]:.2f} Å apart, far shorter than a bond between them (~{bond:.2f} Å): "
             "an unphysical geometry"
         )
+    reasons += _valence_warnings(numbers, pairs[ratio < VALENCE_BOND_FACTOR])
     bonded = pairs[ratio < BOND_FACTOR]
     n_fragments = _count_fragments(len(numbers), bonded)
     if n_fragments > 1:
@@ -53,6 +61,22 @@ def structure_warnings(molecule: Molecule) -> list[str]:
             "ignore this if the molecule has none)"
         )
     return reasons + _electron_warnings(molecule)
+
+
+def _valence_warnings(numbers: np.ndarray, bonded: np.ndarray) -> list[str]:
+    """The first atom with more bonded neighbours than :data:`MAX_NEIGHBOURS` allows, and how many such
+    atoms there are (``bonded``: ``[n_bonds, 2]`` atom pairs)."""
+    neighbours = np.bincount(bonded.ravel(), minlength=len(numbers))  # [n_atoms]
+    allowed = np.array([MAX_NEIGHBOURS.get(int(z), len(numbers)) for z in numbers])
+    over = np.flatnonzero(neighbours > allowed)
+    if not len(over):
+        return []
+    i = int(over[0])
+    others = f" (and {len(over) - 1} more atoms)" if len(over) > 1 else ""
+    return [
+        f"atom {i + 1} ({symbol(int(numbers[i]))}) has {neighbours[i]} bonded neighbours, more than its "
+        f"valence allows ({allowed[i]}){others}: atoms too close or misplaced"
+    ]
 
 
 def _electron_warnings(molecule: Molecule) -> list[str]:

@@ -148,12 +148,15 @@ def metrics_table(metrics: dict[str, dict], title: str) -> Table:
 
 def calibration_table(report: dict[str, Any]) -> Table:
     """The uncertainty head's calibration per target (an export's report, see se3tcli.train.uncertainty):
-    Spearman(|error|, sigma), coverage of ±1 and ±2 sigma (ideal 68 % and 95 %), miscalibration area."""
+    Spearman(|error|, sigma), coverage of ±1 and ±2 sigma (ideal 68 % and 95 %), miscalibration area,
+    mean sigma and MAE, and the sigma above which predict warns of low confidence; in error units."""
     scored = report["scored_on"]
     table = Table(title=Text(f"uncertainty: {scored['split']} split, {scored['molecules']} molecules"))
-    for name in ("target", "Spearman", "within 1σ", "within 2σ", "miscal. area", "mean σ", "MAE", "unit"):
+    columns = ("target", "Spearman", "within 1σ", "within 2σ", "miscal. area", "mean σ", "MAE", "warn σ >")
+    for name in (*columns, "unit"):
         table.add_column(name, justify="left" if name in ("target", "unit") else "right")
     for t, m in report["targets"].items():
+        factor = TARGETS[t].error_factor if t in TARGETS else 1.0
         table.add_row(
             t,
             _fmt(m["spearman"], 2),
@@ -162,6 +165,7 @@ def calibration_table(report: dict[str, Any]) -> Table:
             f"{m['miscalibration_area']:.3f}",
             f"{m['mean_sigma_error_unit']:.3g}",
             f"{m['mae_error_unit']:.3g}",
+            f"{m['low_confidence_sigma'] * factor:.3g}",
             m["error_unit"],
         )
     return table
@@ -193,7 +197,8 @@ def _flat(value: Any) -> str:
 
 
 def card_tables(card: dict[str, Any]) -> list[Table]:
-    """A model card as a summary table plus, when it has them, the test errors beside the paper's."""
+    """A model card as a summary table plus, when it has them, the test errors beside the paper's and the
+    uncertainty's calibration."""
     summary = Table(title=Text(f"model {card.get('name', '')}"), show_header=False)
     summary.add_column("field", style="bold")
     summary.add_column("value", overflow="fold")
@@ -211,6 +216,7 @@ def card_tables(card: dict[str, Any]) -> list[Table]:
         "domain": card.get("domain"),
         "checkpoint": card.get("checkpoint"),
         "evaluation": card.get("evaluation"),
+        "uncertainty": (card.get("uncertainty") or {}).get("method"),
         "versions": card.get("versions"),
         "limitations": card.get("limitations"),
     }
@@ -227,6 +233,8 @@ def card_tables(card: dict[str, Any]) -> list[Table]:
             paper = "" if e.get("paper_mae") is None else f"{e['paper_mae']:g}"
             table.add_row(target, _fmt(e["mae"]), _fmt(e["rmse"]), e["unit"], paper)
         tables.append(table)
+    if (card.get("uncertainty") or {}).get("targets"):
+        tables.append(calibration_table(card["uncertainty"]))
     return tables
 
 

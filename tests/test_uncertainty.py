@@ -300,3 +300,9 @@ def test_api_rows_carry_the_sigmas(exported: Path):
     for t in model.targets:
         assert row.values[sigma_key(t)] > 0 and row.units[sigma_key(t)] == row.units[t]
     assert "homo_sigma_eV" in row.to_dict()
+
+
+def test_info_shows_the_calibration_and_thresholds(exported: Path):
+    result = runner.invoke(app, ["info", str(exported)], env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    assert "uncertainty: test split" in result.output and "warn σ >" in result.output

@@ -745,3 +745,56 @@ def test_csv_text_cells_cannot_start_a_spreadsheet_formula(tmp_path):
     assert [r["name"] for r in written] == ["'" + n for n in names[:5]] + ["ok-name"]
     assert all(r["homo_eV"] == "-1.5" for r in written)  # numbers stay numbers
     assert [r["name"] for r in json.loads(out_json.read_text())] == names
+
+
+# QM9's own format: "gdb N" and 15 properties, a charge column, Mathematica exponents, three trailing lines
+def _qm9_header(index: int, properties: str) -> str:
+    return f"gdb {index}\t" + "\t".join(properties.split()) + "\t"
+
+
+METHANE_PROPERTIES = "157.7118 157.70997 157.70699 0. 13.21 -0.3877 0.1171 0.5048 35.3641 0.044749 -40.47893 "
+METHANE_PROPERTIES += "-40.476062 -40.475117 -40.498597 6.469"
+WATER_PROPERTIES = (
+    "799.58812 437.90386 282.94545 1.8511 6.31 -0.2928 0.0687 0.3615 19.0002 0.021375 -76.404702 "
+)
+WATER_PROPERTIES += "-76.401867 -76.400922 -76.422349 6.002"
+QM9_METHANE = f"""5
+{_qm9_header(1, METHANE_PROPERTIES)}
+C\t-0.0126981359\t 1.0858041578\t 0.0080009958\t-0.535689
+H\t 0.002150416\t-0.0060313176\t 1.9761204*^-3\t 0.133921
+H\t 1.0117308433\t 1.4637511618\t 0.0002765748\t 0.133922
+H\t-0.540815069\t 1.4475266138\t-0.8766437152\t 0.133923
+H\t-0.5238136345\t 1.4379326443\t 0.9063972942\t 0.133923
+1341.307\t1341.3284\t1341.365\t1562.6731\t1562.7453\t3038.3205\t3151.6034\t3151.6788\t3151.7078
+C\tC\t
+InChI=1S/CH4/h1H4\tInChI=1S/CH4/h1H4
+"""
+QM9_WATER = f"""3
+{_qm9_header(3, WATER_PROPERTIES)}
+O\t-0.0343604951\t 0.9775395708\t 0.0076015923\t-0.589706
+H\t 0.0647664923\t 0.0205721989\t 0.0015346341\t 0.294853
+H\t 0.8717903737\t 1.3007924048\t 0.0006931336\t 0.294853
+1591.0326\t3710.5696\t3814.1582
+O\tO\t
+InChI=1S/H2O/h1H2\tInChI=1S/H2O/h1H2
+"""
+
+
+def test_qm9_raw_files_are_read_with_their_labels(tmp_path: Path) -> None:
+    from se3tcli.data.labels import label_value
+    from se3tcli.targets import HARTREE_TO_EV
+
+    path = tmp_path / "dsgdb9nsd.xyz"
+    broken = "4" + QM9_WATER[1:]  # declares 4 atoms, has 3: one error row
+    path.write_text(QM9_METHANE + QM9_WATER + broken + "2\nH2\nH 0 0 0\nH 0 0 0.74\n")
+    rows = list(read_molecules([path]))
+    assert [(m.name, m.status) for m in rows[:2]] == [("gdb_1", "ok"), ("gdb_3", "ok")]
+    assert rows[2].status == "error" and "declares 4 atoms but has 3" in rows[2].message
+    assert rows[-1].name == "H2" and rows[-1].ok  # reading recovers after the broken frame
+    methane = rows[0]
+    assert methane.formula == "CH4" and methane.positions[1, 2] == pytest.approx(1.9761204e-3)
+    assert label_value(methane.properties, "homo") == pytest.approx(-0.3877 * HARTREE_TO_EV)
+    assert label_value(methane.properties, "U0") == pytest.approx(-40.47893 * HARTREE_TO_EV)
+    assert label_value(rows[1].properties, "mu") == pytest.approx(1.8511)
+    assert label_value(rows[1].properties, "Cv") == pytest.approx(6.002)
+    assert label_value(rows[1].properties, "alpha") == pytest.approx(6.31)

@@ -4,6 +4,12 @@ A plain comment line is the molecule's name; a ``key=value`` comment line is ext
 the properties. Atom count lines may have a sign (``+3``, an integer to Python and ASE); a count written as
 a decimal (``3.0``) makes its frame an error. Atomic numbers stand for element symbols (``8 0.0 0.0 0.0``,
 as Open Babel reads them) unless a ``Properties`` key says what the columns hold.
+
+QM9's own files (``dsgdb9nsd_000001.xyz``, one molecule each, or several concatenated) are recognised by
+their comment line, ``gdb N`` and 15 properties: the frame's three trailing lines (harmonic frequencies,
+SMILES, InChI) belong to it, Mathematica exponents (``1.2*^-6``) are read as numbers, the fifth column
+(Mulliken charges) is dropped, the name is ``gdb_N``, and the properties become labels in QM9's units
+(``homo [Ha]``, ``mu [D]``, ...), which ``se3t evaluate`` and ``se3t train`` convert.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import IO
 
 import ase.io
@@ -25,6 +32,14 @@ _EOF = object()  # end-of-file marker for next(lines, _EOF)
 _COUNT_LINE = re.compile(r"\+?([0-9]+)(\.0*)?")
 _ATOMIC_NUMBER = re.compile(r"[0-9]+")
 _PROPERTIES_KEY = re.compile(r"(?:^|\s)properties\s*=", re.IGNORECASE)  # extXYZ: the columns are named
+_QM9_HEADER = re.compile(r"gdb\s+([0-9]+)((?:\s+\S+){15})")  # QM9's comment line (after strip)
+# The 15 properties of a QM9 comment line, in order, with their units (Hartree for the energies).
+QM9_PROPERTIES = (
+    ("A", "GHz"), ("B", "GHz"), ("C", "GHz"), ("mu", "D"), ("alpha", "bohr3"), ("homo", "Ha"),
+    ("lumo", "Ha"), ("gap", "Ha"), ("r2", "bohr2"), ("zpve", "Ha"), ("U0", "Ha"), ("U", "Ha"),
+    ("H", "Ha"), ("G", "Ha"), ("Cv", "cal/molK"),
+)  # fmt: skip
+_QM9_TRAILING_LINES = 3  # frequencies, SMILES, InChI
 
 
 def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Molecule]:
@@ -86,6 +101,12 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
                 break
             atom_lines.append(line if line.endswith("\n") else line + "\n")
         else:
+            if _QM9_HEADER.fullmatch(comment.strip()):
+                for _ in range(_QM9_TRAILING_LINES):
+                    next(lines, _EOF)
+                yield comment, atom_lines, count_problem
+                line = next(lines, _EOF)
+                continue
             extra = 0
             while _is_atom_line(line := next(lines, _EOF)):
                 extra += 1
@@ -120,6 +141,9 @@ def _shorten(text: str, limit: int = 40) -> str:
 
 def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule:
     comment = comment.strip()
+    qm9 = _QM9_HEADER.fullmatch(comment)
+    if qm9:
+        return _from_qm9_frame(record, qm9, atom_lines)
     metadata = "=" in comment  # extXYZ key=value pairs, not a plain title
     name = "" if metadata else comment
     if not _PROPERTIES_KEY.search(comment):  # the default columns: element, x, y, z
@@ -134,6 +158,24 @@ def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule
     except Exception as exc:  # ASE raises many exception types for malformed frames
         return record.error(f"ASE cannot parse the frame: {reason(exc)}", name)
     return molecule_from_atoms(record, atoms, name, with_info=metadata)
+
+
+def _from_qm9_frame(record: Record, header: re.Match, atom_lines: list[str]) -> Molecule:
+    """A frame of QM9's own format: element, x, y, z and a Mulliken charge per atom line."""
+    name = f"gdb_{header[1]}"
+    values = [v.replace("*^", "e") for v in header[2].split()]
+    properties = {f"{key} [{unit}]": v for (key, unit), v in zip(QM9_PROPERTIES, values, strict=True)}
+    lines = [" ".join(line.replace("*^", "e").split()[:4]) + "\n" for line in atom_lines]
+    lines, problem = _with_symbols(lines)
+    if problem:
+        return record.error(problem, name)
+    try:
+        atoms = ase.io.read(io.StringIO(f"{len(lines)}\n\n{''.join(lines)}"), format="extxyz", index=0)
+    except KeyError as exc:
+        return record.error(f"unknown element symbol {exc.args[0]!r}", name)
+    except Exception as exc:  # ASE raises many exception types for malformed frames
+        return record.error(f"ASE cannot parse the frame: {reason(exc)}", name)
+    return replace(molecule_from_atoms(record, atoms, name, with_info=False), properties=properties)
 
 
 def _with_symbols(atom_lines: list[str]) -> tuple[list[str], str]:

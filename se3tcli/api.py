@@ -102,7 +102,9 @@ class Predictor:
         model's (names or a comma-separated string; default all). ``embed=False`` turns 2D records and
         records without hydrogens into errors instead of generating conformers. ``workers``: processes that
         generate SMILES conformers (1: this one; more need the ``if __name__ == "__main__":`` guard in a
-        script), ``conformer_timeout`` seconds each (0: no limit), a slower one becoming an error row."""
+        script), ``conformer_timeout`` seconds each (0: no limit), a slower one becoming an error row.
+        ValueError for a ``batch_size`` or ``workers`` below 1 or a negative or NaN ``conformer_timeout``."""
+        _check_options(batch_size, workers, conformer_timeout)
         if _single(inputs):
             inputs = [inputs]
         chosen = parse_targets(_target_spec(targets), self.targets)
@@ -129,6 +131,16 @@ class Predictor:
         values = [column_name(q, unit) for q, unit in units.items()]
         frame = pd.DataFrame.from_records([row.to_dict() for row in rows], columns=[*BASE_COLUMNS, *values])
         return frame.astype({column: float for column in values})  # NaN where a row has no value
+
+
+def _check_options(batch_size: int, workers: int, conformer_timeout: float) -> None:
+    """The limits the command line's options have (``--batch-size``, ``--workers``, ...)."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, not {workers!r}")
+    if not conformer_timeout >= 0:  # also NaN
+        raise ValueError(f"conformer_timeout must be >= 0 seconds (0: no limit), not {conformer_timeout!r}")
 
 
 def _single(inputs: object) -> bool:

@@ -3,6 +3,7 @@ ASE calculator, and the README's example."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -170,3 +171,19 @@ def test_a_molecule_with_several_conformers_gives_one_row_per_conformer(tiny_che
     assert [r.record for r in rows] == [1, 2, 2, 2, 3, 3, 3] and all(r.ok for r in rows)
     assert len({r.values["homo"] for r in rows[1:4]}) == 3  # each conformer's own geometry
     assert [r.values for r in rows[1:4]] == [r.values for r in rows[4:]]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"batch_size": 0},
+        {"workers": 0},
+        {"workers": -2},
+        {"conformer_timeout": -1.0},
+        {"conformer_timeout": math.nan},
+    ],
+)
+def test_options_out_of_range_are_refused(tiny_checkpoint: Path, options: dict) -> None:
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    with pytest.raises(ValueError, match=next(iter(options))):
+        model.predict("CCO", **options)

@@ -164,3 +164,35 @@ def test_evaluate_says_where_the_plots_went(tmp_path: Path, samples: Path, json_
     if json_output:
         assert json.loads(result.stdout)["n"] == 10
     assert sorted(path.name for path in folder.iterdir()) == ["parity_gap.png", "parity_homo.png"]
+
+
+def test_labels_given_twice_with_different_values_are_a_conflict() -> None:
+    from se3tcli.data.labels import label_conflict
+    from se3tcli.targets import HARTREE_TO_EV
+
+    same = {"homo": "-6.0", "HOMO [Ha]": repr(-6.0 / HARTREE_TO_EV)}  # one value in two units
+    assert label_conflict(same, "homo") is None and label_value(same, "homo") == -6.0
+    differing = {"HOMO [eV]": "-5.9", "homo": "-6.1"}
+    assert label_value(differing, "homo") == -6.1  # the exact name wins
+    assert label_conflict(differing, "homo") == "homo -6.1, HOMO [eV] -5.9 eV"
+    # se3t's own output: its prediction beside the input's reference is no conflict
+    assert label_conflict({"homo_eV_input": "-7.0", "homo_eV": "-6.0", "se3t_status": "ok"}, "homo") is None
+    assert label_conflict({"gap": "7"}, "homo") is None
+
+
+def test_reading_a_file_with_conflicting_labels_says_so(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from se3tcli.data.dataset import read_labelled_file
+    from se3tcli.notices import NOTICES
+
+    frames = "".join(
+        f"2\nhomo={-6.0 - i} HOMO_eV={-6.0 - i + (0.5 if i == 1 else 0.0)} name=m{i}\nH 0 0 0\nH 0 0 0.74\n"
+        for i in range(4)
+    )
+    (path := tmp_path / "twice.extxyz").write_text(frames)
+    with caplog.at_level(logging.WARNING, logger=NOTICES.name):
+        data = read_labelled_file(path, ("homo",))
+    assert data.targets[:, 0].tolist() == [-6.0, -7.0, -8.0, -9.0]
+    (message,) = [r.getMessage() for r in caplog.records if "several keys" in r.getMessage()]
+    assert "1 record(s) give homo" in message and "record 2: homo -7, HOMO_eV -6.5 eV" in message

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from se3tcli.data.labels import is_own_prediction, label_value
+from se3tcli.data.labels import is_own_prediction, label_conflict, label_value
 from se3tcli.data.qm9 import QM9Data, load_qm9
 from se3tcli.data.splits import QM9_SPLIT_SIZES, random_split
 from se3tcli.notices import NOTICES
@@ -89,6 +89,7 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
     numbers, positions, values, counts, records = [], [], [], [], []
     skipped = 0
     own_predictions = dict.fromkeys(targets, 0)  # records whose label is se3t's prediction, per target
+    conflicts: dict[str, list[str]] = {t: [] for t in targets}  # per target: records with differing labels
     for molecule in read_molecules([path]):
         row = _target_values(molecule.properties, targets) if molecule.ok else None
         if row is None:
@@ -96,6 +97,8 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
             continue
         for target in targets:
             own_predictions[target] += is_own_prediction(molecule.properties, target)
+            if conflict := label_conflict(molecule.properties, target):
+                conflicts[target].append(f"record {molecule.record}: {conflict}")
         numbers.append(molecule.numbers.astype(np.int8))
         positions.append(molecule.positions.astype(np.float32))
         values.append(row)
@@ -109,6 +112,12 @@ def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
     if skipped:
         wanted = ", ".join(targets)
         NOTICES.warning(f"{path}: {skipped} records skipped (unreadable, or without a number for {wanted})")
+    for target, found in conflicts.items():
+        if found:
+            NOTICES.warning(
+                f"{path}: {len(found)} record(s) give {target} under several keys with different values "
+                f"(first: {found[0]}); the first key's value is used"
+            )
     predicted = [f"{t} ({n} records)" for t, n in own_predictions.items() if n]
     if predicted:
         NOTICES.warning(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from se3tcli.targets import HARTREE_TO_EV, INPUT_TAG_SUFFIX, STATUS_TAG, TARGETS, column_name, unit_identifier
 
@@ -61,6 +61,24 @@ def label_value(properties: Mapping[str, object], target: str) -> float | None:
     The key spelled exactly like the target wins over other spellings. In se3t's own SDF output (records
     with a status tag) the input's values come first, whatever their spelling (``homo_eV_input``,
     ``HOMO [eV]``), and se3t's prediction (``homo_eV``) serves only where the input had none."""
+    return next((value for _, value in _labels(properties, target)), None)
+
+
+def label_conflict(properties: Mapping[str, object], target: str) -> str | None:
+    """Where a record gives ``target`` under several keys with different values (beyond rounding: 1e-4
+    relative), which ones: ``"homo -6.1, HOMO [eV] -5.9 eV"`` (the first is what :func:`label_value`
+    uses); None otherwise. se3t's own prediction in its output files is not a label here."""
+    prediction = column_name(target, TARGETS[target].unit) if STATUS_TAG in properties else None
+    given = [(key, value) for key, value in _labels(properties, target) if key != prediction]
+    if len(given) < 2 or all(math.isclose(v, given[0][1], rel_tol=1e-4, abs_tol=1e-9) for _, v in given):
+        return None
+    values = ", ".join(f"{key} {value:.6g}" for key, value in given)
+    return f"{values} {TARGETS[target].unit}".rstrip()
+
+
+def _labels(properties: Mapping[str, object], target: str) -> Iterator[tuple[str, float]]:
+    """``(key, value in the display unit)`` of every finite label of ``target``, the preferred first (see
+    :func:`label_value`)."""
     prediction = column_name(target, TARGETS[target].unit) if STATUS_TAG in properties else None
 
     def rank(key: str) -> tuple[bool, bool]:
@@ -77,5 +95,4 @@ def label_value(properties: Mapping[str, object], target: str) -> float | None:
         except (TypeError, ValueError):
             continue
         if math.isfinite(value):
-            return value
-    return None
+            yield str(key), value

@@ -6,12 +6,12 @@ segment of the long training run (``campaign/qm9-multitask``, see TRAINING.md).
 Stages, each under its own time limit (what does not fit in the remaining budget is skipped):
 
 1. ``tests/test_cuda_graphs.py`` (graph replays equal the eager model);
-2. ``bench.py`` on the bundled configuration (``small``, lmax 1, 3 layers), batch 512, fast / reference /
-   CUDA graphs, with the device ceilings;
+2. ``bench.py`` on the campaign run's model (its ``config.json``), batch 512, fast / reference / CUDA
+   graphs, with the device ceilings;
 3. ``se3t train --resume`` of a copy of the campaign run, on the GPU, with CUDA graphs if stage 2 showed
    them working, until the budget less ``--reserve`` is spent (never a fresh run: the schedule, split and
    optimizer state are the campaign's);
-4. ``bench.py`` on ``base`` (batch 128), then on the bundled configuration with bf16 autocast.
+4. ``bench.py`` on ``base`` (batch 128), then on the campaign's model with bf16 autocast.
 
 RESULTS receives ``session.log``, one JSON per benchmark and ``run.tar`` (the continued run directory:
 unpack it over ``campaign/qm9-multitask`` and commit it).
@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED = ["--preset", "small", "--lmax", "1", "--layers", "3"]
 CAMPAIGN = ROOT / "campaign" / "qm9-multitask"
 TRAIN_SETUP_S = 40.0  # data, molecule sizes, capture, and the last checkpoint
 
@@ -95,6 +94,13 @@ class Session:
                 f"{row['peak_mem_mb']:>8.1f} MB"
             )
         return report
+
+
+def campaign_model(results: Path) -> list[str]:
+    """bench.py's options for the campaign run's model (what stage 3 trains), from its config.json."""
+    path = results / "campaign_model.json"
+    path.write_text(json.dumps(json.loads((CAMPAIGN / "config.json").read_text())["model"]))
+    return ["--config-json", str(path)]
 
 
 def train_rate(report: dict | None) -> tuple[float, bool]:
@@ -170,7 +176,8 @@ def main() -> None:
         if args.dry_run
         else ["--batch-size", "512", "--steps", "10"]
     )
-    bundled = s.bench("bundled", [*BUNDLED, *small_batches, *graphs, "--ceilings"], 120)
+    model = campaign_model(args.results)
+    bundled = s.bench("campaign-model", [*model, *small_batches, *graphs, "--ceilings"], 120)
 
     _, use_graphs = train_rate(bundled)
     continue_campaign(s, args, use_graphs)
@@ -185,7 +192,7 @@ def main() -> None:
     )
     s.bench("base", ["--preset", "base", *base_batches, *graphs], 75)
     if not args.dry_run:
-        s.bench("bundled-amp", [*BUNDLED, *small_batches, *graphs, "--amp", "--skip-reference"], 45)
+        s.bench("campaign-model-amp", [*model, *small_batches, *graphs, "--amp", "--skip-reference"], 45)
     s.say("done")
 
 

@@ -454,10 +454,12 @@ def evaluate(
     debug: DebugOption = False,
 ) -> None:
     """MAE, RMSE and R² per target, in physical units, on a split of the model's data or on a labelled file
-    (SD tags or extXYZ keys such as homo, homo_eV or "homo [Ha]", converted)."""
+    (SD tags or extXYZ keys such as homo, homo_eV or "homo [Ha]", converted); for a model with an
+    uncertainty head also how well its sigmas match the errors."""
     from se3tcli.checkpoint import load_model
-    from se3tcli.render import metrics_table
+    from se3tcli.render import calibration_table, metrics_table
     from se3tcli.train import labelled_for_checkpoint, split_predictions, write_predictions
+    from se3tcli.train.evaluation import uncertainty_metrics
 
     if split not in ("train", "val", "test", "all"):
         raise UsageError(f"--split must be train, val, test or all, not {split!r}")
@@ -477,10 +479,15 @@ def evaluate(
 
         written = parity_plots(pred, truth, labelled.data.target_names, metrics, plots)
     n = len(truth)
+    calibration = uncertainty_metrics(pred, truth, labelled.data.target_names)
     if json_output:
-        print(json.dumps({"model": str(loaded.path), "split": split, "n": n, "metrics": metrics}))
+        report = {"model": str(loaded.path), "split": split, "n": n, "metrics": metrics}
+        print(json.dumps(report | ({"uncertainty": calibration} if calibration else {})))
     else:
         console.print(metrics_table(metrics, f"{loaded.path.name}: {split} split, {n} molecules"))
+        if calibration:
+            scored = {"split": split, "molecules": n}
+            console.print(calibration_table({"scored_on": scored, "targets": calibration}))
     screen = err_console if json_output else console  # with --json, standard output is the JSON alone
     lines = [f"predictions written to {predictions}"] if predictions else []
     if written:

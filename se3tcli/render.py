@@ -149,25 +149,27 @@ def metrics_table(metrics: dict[str, dict], title: str) -> Table:
 def calibration_table(report: dict[str, Any]) -> Table:
     """The uncertainty head's calibration per target (an export's report, see se3tcli.train.uncertainty):
     Spearman(|error|, sigma), coverage of ±1 and ±2 sigma (ideal 68 % and 95 %), miscalibration area,
-    mean sigma and MAE, and the sigma above which predict warns of low confidence; in error units."""
+    mean sigma and MAE, and (in an export's report) the sigma above which predict warns of low confidence;
+    in error units."""
     scored = report["scored_on"]
     table = Table(title=Text(f"uncertainty: {scored['split']} split, {scored['molecules']} molecules"))
-    columns = ("target", "Spearman", "within 1σ", "within 2σ", "miscal. area", "mean σ", "MAE", "warn σ >")
-    for name in (*columns, "unit"):
+    thresholds = all("low_confidence_sigma" in m for m in report["targets"].values())  # an export's report
+    columns = ("target", "Spearman", "within 1σ", "within 2σ", "miscal. area", "mean σ", "MAE")
+    for name in (*columns, *(["warn σ >"] if thresholds else []), "unit"):
         table.add_column(name, justify="left" if name in ("target", "unit") else "right")
     for t, m in report["targets"].items():
-        factor = TARGETS[t].error_factor if t in TARGETS else 1.0
-        table.add_row(
-            t,
+        cells = [
             _fmt(m["spearman"], 2),
             f"{m['within_1_sigma']:.0%}",
             f"{m['within_2_sigma']:.0%}",
             f"{m['miscalibration_area']:.3f}",
             f"{m['mean_sigma_error_unit']:.3g}",
             f"{m['mae_error_unit']:.3g}",
-            f"{m['low_confidence_sigma'] * factor:.3g}",
-            m["error_unit"],
-        )
+        ]
+        if thresholds:
+            factor = TARGETS[t].error_factor if t in TARGETS else 1.0
+            cells.append(f"{m['low_confidence_sigma'] * factor:.3g}")
+        table.add_row(t, *cells, m["error_unit"])
     return table
 
 

@@ -306,3 +306,23 @@ def test_info_shows_the_calibration_and_thresholds(exported: Path):
     result = runner.invoke(app, ["info", str(exported)], env={"COLUMNS": "120"})
     assert result.exit_code == 0, result.output
     assert "uncertainty: test split" in result.output and "warn σ >" in result.output
+
+
+def test_evaluate_scores_the_sigmas_and_writes_them(exported: Path, tmp_path: Path):
+    out = tmp_path / "per_molecule.csv"
+    args = ["evaluate", "--model", str(exported), "--split", "test", "--device", "cpu", "--predictions"]
+    result = runner.invoke(app, [*args, str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    model = load_model(str(exported))
+    assert set(report["uncertainty"]) == set(model.targets)
+    card = json.loads(exported.with_suffix(".json").read_text())["uncertainty"]["targets"]
+    for t, m in report["uncertainty"].items():  # the card's test-split numbers, reproduced
+        assert m["within_1_sigma"] == pytest.approx(card[t]["within_1_sigma"])
+        assert m["miscalibration_area"] == pytest.approx(card[t]["miscalibration_area"], abs=1e-9)
+    with open(out) as handle:
+        header = next(csv.reader(handle))
+    homo = next(c for c in header if c.startswith("homo_") and "predicted" not in c and "sigma" not in c)
+    assert header[header.index(homo) + 2] == homo.replace("homo_", "homo_sigma_", 1)
+    table = runner.invoke(app, args[:-1], env={"COLUMNS": "120"})
+    assert table.exit_code == 0 and "uncertainty: test split" in table.output and "warn" not in table.output

@@ -15,6 +15,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from se3tcli.targets import TARGETS
+
 _PROBABILITIES = np.linspace(0.01, 0.99, 99)
 # z of the central p-interval of a standard normal, for every p above
 _Z = np.array([NormalDist().inv_cdf(0.5 + p / 2) for p in _PROBABILITIES])
@@ -66,3 +68,20 @@ def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict[str, floa
         "mean_sigma": float(sigma.mean()),
         "mae": float(np.abs(errors).mean()),
     }
+
+
+def per_target_metrics(targets, errors: np.ndarray, sigma: np.ndarray) -> dict[str, dict]:
+    """:func:`calibration_metrics` of each target (columns of ``errors`` and ``sigma``, ``[n, T]`` in display
+    units), with the mean sigma and the MAE also in the target's error unit (meV for orbital energies)."""
+    report = {}
+    for i, t in enumerate(targets):
+        m = calibration_metrics(errors[:, i], sigma[:, i])
+        factor = TARGETS[t].error_factor
+        m |= {
+            "unit": TARGETS[t].unit,
+            "mean_sigma_error_unit": m["mean_sigma"] * factor,
+            "mae_error_unit": m["mae"] * factor,
+            "error_unit": TARGETS[t].error_unit,
+        }
+        report[t] = m
+    return report

@@ -15,7 +15,8 @@ from se3tcli.data.dataset import QM9_NAME, LabelledData, load_labelled
 from se3tcli.data.qm9 import QM9Data
 from se3tcli.files import atomic_write
 from se3tcli.graph import collate
-from se3tcli.targets import TARGETS, column_name
+from se3tcli.targets import TARGETS, column_name, sigma_key
+from se3tcli.train.calibration import per_target_metrics
 
 
 def batches(data: QM9Data, indices: np.ndarray, batch_size: int, cutoff: float) -> Iterator[tuple]:
@@ -30,14 +31,30 @@ def batches(data: QM9Data, indices: np.ndarray, batch_size: int, cutoff: float) 
 def predict_arrays(
     model: nn.Module, data: QM9Data, indices: np.ndarray, batch_size: int, device: torch.device
 ) -> dict[str, np.ndarray]:
-    """Predictions in display units for molecules ``indices`` of ``data``: ``{target: [n]}``."""
+    """Predictions in display units for molecules ``indices`` of ``data``: ``{target: [n]}``, and each
+    target's sigma (``{target_sigma: [n]}``) where the model has an uncertainty head."""
     model.eval()
-    out: dict[str, list[np.ndarray]] = {t: [] for t in data.target_names}
+    names = [*data.target_names]
+    if getattr(model, "uncertainty", None) is not None:
+        names += [sigma_key(t) for t in data.target_names]
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch, _, _ in batches(data, indices, batch_size, model.config.cutoff):
         result = model(batch.to(device))
-        for t in out:
-            out[t].append(result[t].double().cpu().numpy())
-    return {t: np.concatenate(v) if v else np.zeros(0) for t, v in out.items()}
+        for name in out:
+            out[name].append(result[name].double().cpu().numpy())
+    return {name: np.concatenate(v) if v else np.zeros(0) for name, v in out.items()}
+
+
+def uncertainty_metrics(
+    pred: dict[str, np.ndarray], truth: np.ndarray, targets: Sequence[str]
+) -> dict[str, dict] | None:
+    """How well the predicted sigmas match the errors, per target
+    (:func:`~se3tcli.train.calibration.per_target_metrics`); None without sigmas."""
+    if not all(sigma_key(t) in pred for t in targets) or not len(truth):
+        return None
+    errors = np.stack([pred[t] - truth[:, i] for i, t in enumerate(targets)], axis=1)
+    sigma = np.stack([pred[sigma_key(t)] for t in targets], axis=1)
+    return per_target_metrics(targets, errors, sigma)
 
 
 def error_metrics(pred: dict[str, np.ndarray], truth: np.ndarray, targets: Sequence[str]) -> dict[str, dict]:
@@ -93,14 +110,17 @@ def write_predictions(
 ) -> None:
     """CSV of each molecule of the split: ``qm9_index`` (QM9's molecule number) or ``record`` (the
     record's 1-based number in a labelled file), then per target the true and the predicted value in its
-    display unit, named like predict's columns (``homo_eV``, ``homo_predicted_eV``)."""
+    display unit, named like predict's columns (``homo_eV``, ``homo_predicted_eV``), and the prediction's
+    sigma (``homo_sigma_eV``) where there are sigmas."""
     data = labelled.data
     indices = split_indices(labelled, split, limit)
     truth = data.targets[indices]
     header = ["qm9_index" if labelled.description.get("dataset") == QM9_NAME else "record"]
+    with_sigma = all(sigma_key(t) in pred for t in data.target_names)
     for t in data.target_names:
         unit = TARGETS[t].unit
         header += [column_name(t, unit), column_name(f"{t}_predicted", unit)]
+        header += [column_name(sigma_key(t), unit)] if with_sigma else []
     with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
@@ -108,6 +128,7 @@ def write_predictions(
             cells = [int(data.index[i])]
             for column, t in enumerate(data.target_names):
                 cells += [repr(float(truth[row, column])), repr(float(pred[t][row]))]
+                cells += [repr(float(pred[sigma_key(t)][row]))] if with_sigma else []
             writer.writerow(cells)
 
 

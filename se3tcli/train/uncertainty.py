@@ -25,8 +25,7 @@ from se3tcli.graph import Batch
 from se3tcli.model.heads import atom_invariants
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.model.uncertainty import UncertaintyHead
-from se3tcli.targets import TARGETS
-from se3tcli.train.calibration import calibration_metrics, fit_calibration
+from se3tcli.train.calibration import fit_calibration, per_target_metrics
 from se3tcli.train.evaluation import batches
 
 METHOD = (
@@ -151,22 +150,6 @@ def _split_scores(
     return np.concatenate(fitted), np.concatenate(novelty), np.concatenate(errors)
 
 
-def _per_target(targets, errors: np.ndarray, sigma: np.ndarray) -> dict[str, dict]:
-    """:func:`calibration_metrics` per target; mean sigma and MAE also in the target's error unit."""
-    report = {}
-    for i, t in enumerate(targets):
-        m = calibration_metrics(errors[:, i], sigma[:, i])
-        factor = TARGETS[t].error_factor
-        m |= {
-            "unit": TARGETS[t].unit,
-            "mean_sigma_error_unit": m["mean_sigma"] * factor,
-            "mae_error_unit": m["mae"] * factor,
-            "error_unit": TARGETS[t].error_unit,
-        }
-        report[t] = m
-    return report
-
-
 def fit_uncertainty(
     model: SE3Transformer,
     labelled: LabelledData,
@@ -217,7 +200,7 @@ def fit_uncertainty(
     fitted, novelty, errors = fitted_val, novelty_val, errors_val
     if scored == "test":
         fitted, novelty, errors = _split_scores(model, labelled, splits["test"], batch_size, device)
-    metrics = _per_target(targets, errors, sigma(fitted, novelty))
+    metrics = per_target_metrics(targets, errors, sigma(fitted, novelty))
     for i, t in enumerate(targets):
         metrics[t] |= {
             "calibration": float(factors[i]),

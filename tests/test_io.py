@@ -798,3 +798,27 @@ def test_qm9_raw_files_are_read_with_their_labels(tmp_path: Path) -> None:
     assert label_value(rows[1].properties, "mu") == pytest.approx(1.8511)
     assert label_value(rows[1].properties, "Cv") == pytest.approx(6.002)
     assert label_value(rows[1].properties, "alpha") == pytest.approx(6.31)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("4" + QM9_METHANE[1:] + QM9_WATER, [("error", "declares 4 atoms but has 5"), ("ok", "gdb_3")]),
+        ("6" + QM9_METHANE[1:] + QM9_WATER, [("error", "declares 6 atoms but has 5"), ("ok", "gdb_3")]),
+        # trailing lines missing before the next frame, or at the end
+        ("".join(QM9_METHANE.splitlines(True)[:-3]) + QM9_WATER, [("ok", "gdb_1"), ("ok", "gdb_3")]),
+        (
+            "".join(QM9_METHANE.splitlines(True)[:-3]) + "2\nH2\nH 0 0 0\nH 0 0 0.74\n",
+            [("ok", "gdb_1"), ("ok", "H2")],
+        ),
+        (QM9_WATER + "".join(QM9_METHANE.splitlines(True)[:-2]), [("ok", "gdb_3"), ("ok", "gdb_1")]),
+        ((QM9_METHANE + QM9_WATER).replace("\n", "\r\n"), [("ok", "gdb_1"), ("ok", "gdb_3")]),
+    ],
+)
+def test_broken_qm9_frames_are_one_row_and_never_lose_the_next(tmp_path: Path, text: str, expected) -> None:
+    path = tmp_path / "qm9.xyz"
+    path.write_bytes(text.encode())
+    rows = list(read_molecules([path]))
+    assert len(rows) == len(expected)
+    for row, (status, what) in zip(rows, expected, strict=True):
+        assert row.status == status and (what in row.message if status == "error" else row.name == what)

@@ -91,25 +91,28 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
         if not isinstance(comment, str):
             yield "", [], "file ends (or has an overlong line) where the comment line should be"
             return
+        qm9 = _QM9_HEADER.fullmatch(comment.strip()) is not None
+        is_atom = _is_qm9_atom_line if qm9 else _is_atom_line  # QM9's frequencies look like atom lines
         atom_lines: list[str] = []
         while len(atom_lines) < n_atoms:
             line = next(lines, _EOF)
             if line is _EOF:
                 yield "", [], f"file ends after {len(atom_lines)} of {n_atoms} atom lines"
                 return
-            if not _is_atom_line(line):
+            if not is_atom(line):
                 break
             atom_lines.append(line if line.endswith("\n") else line + "\n")
         else:
-            if _QM9_HEADER.fullmatch(comment.strip()):
-                for _ in range(_QM9_TRAILING_LINES):
-                    next(lines, _EOF)
-                yield comment, atom_lines, count_problem
-                line = next(lines, _EOF)
-                continue
             extra = 0
-            while _is_atom_line(line := next(lines, _EOF)):
+            while is_atom(line := next(lines, _EOF)):
                 extra += 1
+            if qm9:  # its trailing lines (up to three; fewer where the next frame or the end comes first)
+                for _ in range(_QM9_TRAILING_LINES - 1):
+                    if line is _EOF or _is_count_line(line):
+                        break
+                    line = next(lines, _EOF)
+                if not (line is _EOF or _is_count_line(line)):
+                    line = next(lines, _EOF)
             if extra:
                 yield "", [], f"frame declares {n_atoms} atoms but has {n_atoms + extra} atom lines"
             else:
@@ -126,6 +129,11 @@ def _frames(handle: IO[str]) -> Iterator[tuple[str, list[str], str]]:
 def _is_atom_line(line: object) -> bool:
     """Symbol and three coordinates at least, and not a count line."""
     return isinstance(line, str) and len(line.split()) >= 4 and not _is_count_line(line)
+
+
+def _is_qm9_atom_line(line: object) -> bool:
+    """An atom line of QM9's format: an element symbol first (a frequency line starts with a number)."""
+    return _is_atom_line(line) and line.split()[0].isalpha()
 
 
 def _is_count_line(line: str | None) -> bool:

@@ -651,7 +651,9 @@ def export(
                 epochs=uncertainty_epochs,
                 on_epoch=lambda e, loss: status.update(f"uncertainty head: epoch {e}, loss {loss:.4f}"),
             )
-        data = data | {"config": model.config.to_dict(), "state_dict": _cpu_state(model)}
+    elif model.uncertainty is not None:  # no head rather than one the card says nothing about
+        model.config, model.uncertainty = model.config.replace(uncertainty_hidden=0), None
+    data = data | {"config": model.config.to_dict(), "state_dict": _cpu_state(model)}
     n_parameters = sum(p.numel() for p in model.parameters())
     evaluation_command = f"se3t evaluate --model {name} --split test"
     pt_path, card_path = write_model(

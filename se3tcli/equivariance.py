@@ -130,6 +130,14 @@ def check_equivariance(
 
 
 def random_model(seed: int = 0) -> SE3Transformer:
-    """An untrained network of the paper's size (the ``base`` preset), its weights drawn with ``seed``."""
+    """An untrained network of the paper's size (the ``base`` preset), its weights drawn with ``seed``, with
+    an uncertainty head whose novelty term is on (identity whitening, every atom novel), so that its sigma
+    is checked too."""
     torch.manual_seed(seed)
-    return SE3Transformer.from_config(preset("base"))
+    model = SE3Transformer.from_config(preset("base", uncertainty_hidden=32))
+    head = model.uncertainty
+    with torch.no_grad():
+        head.whitening.copy_(torch.eye(head.whitening.shape[1]).expand_as(head.whitening))
+        head.novelty_scale.fill_(1e-3)
+        head.novelty_sigma.fill_(1.0)
+    return model

@@ -64,15 +64,25 @@ def _header(target: str) -> str:
 
 
 def _cell(values: dict | None, target: str, decimals: int) -> str:
-    """A target's value in the table: with ``decimals``, or with its sigma (``-6.85±0.11``) where the model
-    gives one, both rounded to the sigma's second significant digit."""
+    """A target's value in the table: with ``decimals``, or with its sigma where the model gives one,
+    both rounded to the sigma's second significant digit (``-6.85±0.11``, ``300±1200``)."""
     if not values:
         return ""
     value, sigma = values.get(target), values.get(sigma_key(target))
-    if value is None or sigma is None or not (math.isfinite(sigma) and sigma > 0):
+    if value is None or sigma is None or not (math.isfinite(value) and math.isfinite(sigma) and sigma > 0):
         return _fmt(value, decimals)
-    places = min(MAX_DECIMALS, max(0, 1 - math.floor(math.log10(sigma))))
-    return f"{_fmt(value, places)}±{_fmt(sigma, places)}"
+    sigma = float(f"{sigma:.2g}")  # 0.0996 -> 0.1: its own leading digit may move up
+    step = math.floor(math.log10(sigma)) - 1  # the second significant digit's decimal exponent
+    if step < -MAX_DECIMALS:  # a tiny sigma: the value at the most decimals, the sigma as it is
+        return f"{_unsigned_zero(f'{value:.{MAX_DECIMALS}f}')}±{sigma:.2g}"
+    places = max(0, -step)
+    value = round(value, -step) if step > 0 else value
+    return f"{_unsigned_zero(f'{value:.{places}f}')}±{sigma:.{places}f}"
+
+
+def _unsigned_zero(text: str) -> str:
+    """``-0.00`` -> ``0.00``: a rounded value without a meaningless sign."""
+    return text[1:] if text.startswith("-") and not text.strip("-0.") else text
 
 
 def predictions_table(

@@ -58,6 +58,14 @@ def test_miscalibration_area_by_hand():
     assert miscalibration_area(errors, sigma) == pytest.approx(expected, abs=0.006)
 
 
+def test_zero_sigmas_empty_and_not_finite_inputs():
+    m = calibration_metrics(np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.0, 2.0]))
+    assert m["within_1_sigma"] == pytest.approx(2 / 3)  # 0/0: inside; 0.5/0: outside
+    with pytest.raises(ValueError, match="no errors"):
+        calibration_metrics(np.zeros(0), np.zeros(0))
+    assert spearman(np.array([1.0, np.nan, 3.0]), np.array([1.0, 2.0, 3.0])) is None
+
+
 def test_spearman_by_hand():
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)
@@ -173,20 +181,22 @@ def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return dest / "tiny.pt"
 
 
-def test_fit_calibrates_every_target_and_reports_on_the_test_split(tiny_checkpoint: Path):
+def test_fit_calibrates_every_target_and_reports_on_the_test_split(tiny_checkpoint: Path, caplog):
     data = read_checkpoint(tiny_checkpoint)
     model = model_from_checkpoint(data, tiny_checkpoint)
     labelled = labelled_for_checkpoint(data)
     epochs = []
-    report = fit_uncertainty(
-        model,
-        labelled,
-        data["normalization"]["loss_scale"],
-        torch.device("cpu"),
-        epochs=2,
-        width=8,
-        on_epoch=lambda e, loss: epochs.append((e, loss)),
-    )
+    with caplog.at_level("WARNING", logger="se3tcli.notices"):
+        report = fit_uncertainty(
+            model,
+            labelled,
+            data["normalization"]["loss_scale"],
+            torch.device("cpu"),
+            epochs=2,
+            width=8,
+            on_epoch=lambda e, loss: epochs.append((e, loss)),
+        )
+    assert any("only" in r.getMessage() and "validation molecules" in r.getMessage() for r in caplog.records)
     assert [e for e, _ in epochs] == [1, 2] and all(np.isfinite(loss) for _, loss in epochs)
     assert model.config.uncertainty_hidden == 8 and model.uncertainty is not None
     assert set(report["targets"]) == set(model.targets)
@@ -198,10 +208,12 @@ def test_fit_calibrates_every_target_and_reports_on_the_test_split(tiny_checkpoi
         assert 0 <= m["within_1_sigma"] <= m["within_2_sigma"] <= 1
         assert 0 <= m["miscalibration_area"] <= 0.5
     assert 0 <= report["scored_on"]["novel_fraction"] <= 1
-    head = model.uncertainty  # the elements of the training atoms have a fitted distribution, others none
+    head = model.uncertainty  # every element has a distribution: its atoms', or all atoms' if it has none
     seen = {int(z) for i in labelled.split["train"] for z in labelled.data.molecule(int(i))[0]}
-    fitted = (head.whitening.flatten(1).abs().sum(1) > 0).tolist()
-    assert fitted == [z in seen for z in model.config.elements] and bool((head.novelty_scale > 0).all())
+    assert bool((head.whitening.flatten(1).abs().sum(1) > 0).all()) and bool((head.novelty_scale > 0).all())
+    unseen = [k for k, z in enumerate(model.config.elements) if z not in seen]
+    for k in unseen[1:]:  # all on the same (all atoms') statistics
+        assert torch.equal(head.whitening[k], head.whitening[unseen[0]])
     thresholds = low_confidence_thresholds(model)
     assert thresholds == pytest.approx({t: m["low_confidence_sigma"] for t, m in report["targets"].items()})
 
@@ -220,10 +232,13 @@ def test_export_writes_the_head_and_its_calibration_to_checkpoint_and_card(expor
         assert float(head.threshold[i]) == pytest.approx(unc["targets"][t]["low_confidence_sigma"])
 
 
-def test_export_without_uncertainty_has_no_head(tiny_checkpoint: Path, tmp_path: Path):
-    args = ["export", str(tiny_checkpoint), "--name", "plain", "--dest", str(tmp_path), "--no-uncertainty"]
+@pytest.mark.parametrize("source", ["trained", "exported"])
+def test_export_without_uncertainty_has_no_head(tiny_checkpoint: Path, exported: Path, tmp_path, source):
+    checkpoint = tiny_checkpoint if source == "trained" else exported  # exported: it had a head
+    args = ["export", str(checkpoint), "--name", "plain", "--dest", str(tmp_path), "--no-uncertainty"]
     assert runner.invoke(app, [*args, "--device", "cpu"]).exit_code == 0
-    assert load_model(str(tmp_path / "plain.pt")).model.uncertainty is None
+    loaded = load_model(str(tmp_path / "plain.pt"))
+    assert loaded.model.uncertainty is None and loaded.model.config.uncertainty_hidden == 0
     assert json.loads((tmp_path / "plain.json").read_text())["uncertainty"] == {}
 
 
@@ -273,6 +288,18 @@ def test_table_rounds_value_and_sigma_to_the_sigma_precision():
     table, _ = predictions_table([(molecule, values)], ["homo", "lumo"], {"homo": 0.1, "lumo": 0.1})
     cells = [list(column.cells)[0] for column in table.columns[3:]]
     assert cells == ["-6.123±0.083", "1.5±1.3"]
+    from se3tcli.render import _cell
+
+    cases = {
+        (322.0, 1234.0): "300±1200",
+        (-6.85, 0.0996): "-6.85±0.10",
+        (-0.1, 20.0): "0±20",
+        (-123456.789, 0.15): "-123456.79±0.15",
+        (1.0, 1e-9): "1.000000±1e-09",
+        (5.0, 0.0): "5.000",
+    }
+    for (value, sigma), text in cases.items():
+        assert _cell({"homo": value, "homo_sigma": sigma}, "homo", 3) == text
 
 
 def test_fine_tuning_drops_the_source_head(exported: Path, tmp_path: Path):
@@ -326,3 +353,49 @@ def test_evaluate_scores_the_sigmas_and_writes_them(exported: Path, tmp_path: Pa
     assert header[header.index(homo) + 2] == homo.replace("homo_", "homo_sigma_", 1)
     table = runner.invoke(app, args[:-1], env={"COLUMNS": "120"})
     assert table.exit_code == 0 and "uncertainty: test split" in table.output and "warn" not in table.output
+
+
+def test_novelty_of_an_element_with_few_atoms_stays_moderate():
+    """Three training atoms span a plane of the 16 features: an atom off it, as far from their mean as they
+    are, must not look a thousand times novel (the covariance is shrunk by F / (n + F))."""
+    from se3tcli.train.uncertainty import _fit_novelty
+
+    model = _model_with_head()
+    head = model.uncertainty
+    n_features = head.feature_mean.shape[1]
+    rng = np.random.default_rng(0)
+    plane = torch.from_numpy(rng.normal(size=(2, n_features)))
+    few = torch.from_numpy(rng.normal(size=(3, 2))) @ plane  # element 0: 3 atoms in a plane
+    many = torch.from_numpy(rng.normal(size=(400, n_features)))  # element 1: 400 atoms
+    invariants = torch.cat([few, many]).to(head.whitening)
+    element = torch.cat([torch.zeros(3), torch.ones(400)]).long()
+    _fit_novelty(head, [(invariants, element, None, None)])
+    off = torch.from_numpy(rng.normal(size=n_features)).to(head.whitening)
+    off = off - (off @ plane.T.to(off)) @ torch.linalg.pinv(plane.T.to(off))  # off the plane
+    off = few.mean(0).to(off) + off / off.norm() * (few - few.mean(0)).norm(dim=1).mean().to(off)
+    novelty = head.atom_distances(off[None], torch.zeros(1, dtype=torch.long)) / head.novelty_scale[0]
+    assert 0.1 < float(novelty) < 10
+    # an element without training atoms takes the statistics of all atoms
+    assert torch.allclose(head.feature_mean[2], invariants.mean(0).to(head.feature_mean), atol=1e-6)
+
+
+def test_the_ase_calculator_gives_the_sigmas_and_predicts_status(exported: Path):
+    from ase.build import molecule
+
+    from se3tcli.calculator import SE3TCalculator
+
+    atoms = molecule("CH3CH2OH")
+    atoms.calc = SE3TCalculator(model=str(exported))
+    atoms.get_dipole_moment()
+    results = atoms.calc.results["se3t"]
+    (row,) = load_model_api(exported).predict(atoms)
+    for t in load_model(str(exported)).targets:
+        value, unit = results[sigma_key(t)]
+        assert value == pytest.approx(row.values[sigma_key(t)], rel=1e-6) and unit == results[t][1]
+    assert (results["status"], results["message"]) == (row.status, row.message)
+
+
+def load_model_api(path: Path):
+    import se3tcli as se3t
+
+    return se3t.load_model(str(path), device="cpu")

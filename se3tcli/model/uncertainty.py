@@ -60,7 +60,7 @@ class UncertaintyHead(nn.Module):
         self.register_buffer("threshold", torch.full((n_targets,), math.inf))  # low confidence above
         # Per element (the model's element order): the training atoms' mean features [E, F], a whitening
         # matrix [E, F, F] (|(x - mean) @ W|² is the squared Mahalanobis distance) and the 99.9th
-        # percentile of their distances / sqrt(F) [E]. Zero whitening: no novelty.
+        # percentile of their distances / sqrt(F) [E]. Zero whitening (an unfitted head): no novelty.
         self.register_buffer("feature_mean", torch.zeros(n_elements, n_features))
         self.register_buffer("whitening", torch.zeros(n_elements, n_features, n_features))
         self.register_buffer("novelty_scale", torch.ones(n_elements))
@@ -73,11 +73,12 @@ class UncertaintyHead(nn.Module):
 
     def atom_distances(self, invariants: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
         """``[n_atoms]``: each atom's Mahalanobis distance from its element's training atoms / sqrt(F)."""
-        centred = invariants - self.feature_mean[element]  # [n_atoms, F]
-        # all elements' whitenings at once ([n_atoms, E, F]: E is small), then each atom's own
-        whitened = torch.einsum("af,efg->aeg", centred, self.whitening)
-        own = whitened[torch.arange(len(element), device=element.device), element]  # [n_atoms, F]
-        return own.norm(dim=1) / math.sqrt(invariants.shape[1])
+        distances = invariants.new_zeros(len(element))
+        for e in torch.unique(element).tolist():  # the elements present: a few
+            mine = element == e
+            whitened = (invariants[mine] - self.feature_mean[e]) @ self.whitening[e]  # [n_mine, F]
+            distances[mine] = whitened.norm(dim=1)
+        return distances / math.sqrt(invariants.shape[1])
 
     def novelty(self, invariants: torch.Tensor, element: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``[n_mol]``: the largest atom novelty (distance / the element's 99.9th training percentile)."""

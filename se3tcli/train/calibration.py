@@ -23,8 +23,17 @@ _Z = np.array([NormalDist().inv_cdf(0.5 + p / 2) for p in _PROBABILITIES])
 _FACTORS = np.exp(np.linspace(math.log(1e-3), math.log(1e3), 1201))  # candidate calibration factors
 
 
+def _z(errors: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """``|errors| / sigma``; 0 where both are 0, infinite where only sigma is. ValueError for no errors."""
+    if not len(errors):
+        raise ValueError("no errors to compare the sigmas with")
+    size = np.abs(errors)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sigma > 0, size / sigma, np.where(size > 0, np.inf, 0.0))
+
+
 def miscalibration_area(errors: np.ndarray, sigma: np.ndarray) -> float:
-    z = np.sort(np.abs(errors) / sigma)
+    z = np.sort(_z(errors, sigma))
     coverage = np.searchsorted(z, _Z, side="right") / len(z)  # fraction with z <= _Z[i]
     return float(np.abs(coverage - _PROBABILITIES).mean())
 
@@ -47,8 +56,9 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rank correlation (None where either is constant or there are fewer than two values)."""
-    if len(a) < 2:
+    """Spearman's rank correlation (None where either is constant, not finite, or there are fewer than
+    two values)."""
+    if len(a) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         return None
     ra, rb = _ranks(np.asarray(a, float)), _ranks(np.asarray(b, float))
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -58,7 +68,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def calibration_metrics(errors: np.ndarray, sigma: np.ndarray) -> dict[str, float | int | None]:
     """Spearman(|e|, sigma), coverage of ±1 and ±2 sigma, miscalibration area, mean sigma and MAE."""
-    z = np.abs(errors) / sigma
+    z = _z(errors, sigma)
     return {
         "n": int(len(errors)),
         "spearman": spearman(np.abs(errors), sigma),

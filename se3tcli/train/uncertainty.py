@@ -25,6 +25,7 @@ from se3tcli.graph import Batch
 from se3tcli.model.heads import atom_invariants
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.model.uncertainty import UncertaintyHead
+from se3tcli.notices import NOTICES
 from se3tcli.train.calibration import fit_calibration, per_target_metrics
 from se3tcli.train.evaluation import batches
 
@@ -39,6 +40,7 @@ METHOD = (
 LOW_CONFIDENCE_QUANTILE = 0.99  # sigma above this quantile of the validation sigmas: low confidence
 NOVELTY_QUANTILE = 0.999  # of the training atoms' distances: novelty 1
 _SHRINKAGE = 1e-3  # covariance + this x its mean variance x I: invertible for few or collinear atoms
+FEW_CALIBRATION_MOLECULES = 100  # calibrating on fewer validation molecules than this gets a warning
 DEFAULT_MOLECULES = 50_000  # training molecules the head learns from
 DEFAULT_EPOCHS = 20
 DEFAULT_WIDTH = 128
@@ -100,38 +102,49 @@ def _train(
     head.eval()
 
 
+def _whitening(count: float, total: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [F], whitening [F, F])`` of ``count`` feature vectors from their sum and sum of outer
+    products. The covariance is shrunk towards its mean variance by F / (count + F) (at least
+    :data:`_SHRINKAGE`), so that few atoms give near-Euclidean distances, not huge ones off their span."""
+    n_features = len(total)
+    mean = total / count
+    covariance = outer / count - torch.outer(mean, mean)
+    shrink = max(_SHRINKAGE, n_features / (count + n_features))
+    spread = covariance.diagonal().mean().clamp_min(1e-12)
+    covariance = (1 - shrink) * covariance + shrink * spread * torch.eye(n_features, dtype=covariance.dtype)
+    return mean, torch.linalg.cholesky(torch.linalg.inv(covariance))
+
+
 @torch.no_grad()
 def _fit_novelty(head: UncertaintyHead, cached: Cached) -> None:
-    """Each element's feature mean, whitening and distance scale from the training atoms in ``cached``
-    (an element without at least two of them keeps zero whitening: no novelty)."""
+    """Each element's feature mean, whitening and distance scale (the 99.9th percentile) from the training
+    atoms in ``cached``; an element with fewer than two of them gets those of all atoms."""
     n_elements, n_features = head.feature_mean.shape
-    count = torch.zeros(n_elements, dtype=torch.float64)
-    total = torch.zeros(n_elements, n_features, dtype=torch.float64)
-    outer = torch.zeros(n_elements, n_features, n_features, dtype=torch.float64)
+    count = torch.zeros(n_elements + 1, dtype=torch.float64)  # the last row: all atoms
+    total = torch.zeros(n_elements + 1, n_features, dtype=torch.float64)
+    outer = torch.zeros(n_elements + 1, n_features, n_features, dtype=torch.float64)
     for invariants, element, _, _ in cached:
         x, e = invariants.double().cpu(), element.cpu()
-        for k in torch.unique(e).tolist():
-            mine = x[e == k]
+        for k, mine in [*((k, x[e == k]) for k in torch.unique(e).tolist()), (n_elements, x)]:
             count[k] += len(mine)
             total[k] += mine.sum(0)
             outer[k] += mine.T @ mine
+    own = [bool(count[e] >= 2) for e in range(n_elements)]
+    pooled = _whitening(float(count[-1]), total[-1], outer[-1])
     for e in range(n_elements):
-        if count[e] < 2:
-            continue
-        mean = total[e] / count[e]
-        covariance = outer[e] / count[e] - torch.outer(mean, mean)
-        covariance += _SHRINKAGE * covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(n_features)
-        head.feature_mean[e] = mean.to(head.feature_mean)
-        head.whitening[e] = torch.linalg.cholesky(torch.linalg.inv(covariance)).to(head.whitening)
-    distances: list[list[torch.Tensor]] = [[] for _ in range(n_elements)]
+        mean, whitening = _whitening(float(count[e]), total[e], outer[e]) if own[e] else pooled
+        head.feature_mean[e], head.whitening[e] = mean.to(head.feature_mean), whitening.to(head.whitening)
+    distances: list[list[torch.Tensor]] = [[] for _ in range(n_elements + 1)]
     for invariants, element, _, _ in cached:
-        d = head.atom_distances(invariants, element).cpu()
-        for e in torch.unique(element).tolist():
-            distances[e].append(d[element.cpu() == e])
-    for e, parts in enumerate(distances):
-        if parts and count[e] >= 2:
-            scale = float(torch.quantile(torch.cat(parts).double(), NOVELTY_QUANTILE))
-            head.novelty_scale[e] = scale if scale > 0 else 1.0
+        x, e = invariants.double().cpu(), element.cpu()
+        d = head.atom_distances(x.to(head.whitening), e.to(head.whitening.device)).cpu()
+        for k in torch.unique(e).tolist():
+            distances[k].append(d[e == k])
+        distances[-1].append(((x - pooled[0]) @ pooled[1]).norm(dim=1) / n_features**0.5)
+    for e in range(n_elements):
+        parts = distances[e] if own[e] else distances[-1]
+        scale = float(np.quantile(torch.cat(parts).numpy(), NOVELTY_QUANTILE)) if parts else 1.0
+        head.novelty_scale[e] = scale if scale > 0 else 1.0
 
 
 @torch.no_grad()
@@ -184,6 +197,11 @@ def fit_uncertainty(
     _fit_novelty(head, cached)
     del cached
 
+    if len(splits["val"]) < FEW_CALIBRATION_MOLECULES:
+        NOTICES.warning(
+            f"calibrating the uncertainty on only {len(splits['val'])} validation molecules: its scale and "
+            "the low-confidence thresholds are rough"
+        )
     fitted_val, novelty_val, errors_val = _split_scores(model, labelled, splits["val"], batch_size, device)
     factors = np.array([fit_calibration(errors_val[:, i], fitted_val[:, i]) for i in range(len(targets))])
     per_unit = np.median(fitted_val * factors, axis=0)  # the novelty term's sigma per unit past 1

@@ -16,6 +16,7 @@ dipole head.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from rdkit import Chem
 from se3tcli.checkpoint import LoadedModel
 from se3tcli.checkpoint import load_model as load_checkpoint
 from se3tcli.io import STATUS_ERROR, Molecule
-from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
+from se3tcli.io.conformers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from se3tcli.io.objects import molecules_from_objects
 from se3tcli.io.outputs import BASE_COLUMNS, base_fields, file_value
 from se3tcli.predict import MAX_ATOMS_PER_MOLECULE, output_units, predict_stream
@@ -134,13 +135,17 @@ class Predictor:
 
 
 def _check_options(batch_size: int, workers: int, conformer_timeout: float) -> None:
-    """The limits the command line's options have (``--batch-size``, ``--workers``, ...)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a whole number >= 1, not {workers!r}")
-    if not conformer_timeout >= 0:  # also NaN
-        raise ValueError(f"conformer_timeout must be >= 0 seconds (0: no limit), not {conformer_timeout!r}")
+    """The limits the command line's options have (``--batch-size``, ``--workers``,
+    ``--conformer-timeout``)."""
+    for name, value in (("batch_size", batch_size), ("workers", workers)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+    if isinstance(conformer_timeout, bool) or not isinstance(conformer_timeout, numbers.Real):
+        raise ValueError(f"conformer_timeout must be a number of seconds, not {conformer_timeout!r}")
+    if not 0 <= conformer_timeout <= MAX_TIMEOUT_S:  # also NaN
+        raise ValueError(
+            f"conformer_timeout must be 0 (no limit) to {MAX_TIMEOUT_S:g} seconds, not {conformer_timeout!r}"
+        )
 
 
 def _single(inputs: object) -> bool:

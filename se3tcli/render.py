@@ -69,9 +69,10 @@ def _cell(values: dict | None, target: str, decimals: int) -> str:
     if not values:
         return ""
     value, sigma = values.get(target), values.get(sigma_key(target))
+    if sigma is not None and math.isfinite(sigma):
+        sigma = float(f"{sigma:.2g}")  # 0.0996 -> 0.1: its own leading digit may move up
     if value is None or sigma is None or not (math.isfinite(value) and math.isfinite(sigma) and sigma > 0):
-        return _fmt(value, decimals)
-    sigma = float(f"{sigma:.2g}")  # 0.0996 -> 0.1: its own leading digit may move up
+        return _unsigned_zero(_fmt(value, decimals))
     step = math.floor(math.log10(sigma)) - 1  # the second significant digit's decimal exponent
     if step < -MAX_DECIMALS:  # a tiny sigma: the value at the most decimals, the sigma as it is
         return f"{_unsigned_zero(f'{value:.{MAX_DECIMALS}f}')}±{sigma:.2g}"

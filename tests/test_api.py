@@ -181,9 +181,19 @@ def test_a_molecule_with_several_conformers_gives_one_row_per_conformer(tiny_che
         {"workers": -2},
         {"conformer_timeout": -1.0},
         {"conformer_timeout": math.nan},
+        {"conformer_timeout": math.inf},
+        {"conformer_timeout": "5"},
+        {"batch_size": True},
     ],
 )
 def test_options_out_of_range_are_refused(tiny_checkpoint: Path, options: dict) -> None:
     model = se3t.load_model(str(tiny_checkpoint), device="cpu")
     with pytest.raises(ValueError, match=next(iter(options))):
         model.predict("CCO", **options)
+
+
+def test_numpy_numbers_are_fine_options(tiny_checkpoint: Path) -> None:
+    model = se3t.load_model(str(tiny_checkpoint), device="cpu")
+    options = {"batch_size": np.int64(8), "workers": np.int64(1), "conformer_timeout": np.float64(30)}
+    (row,) = model.predict("CCO", **options)
+    assert row.ok

@@ -813,6 +813,11 @@ def test_qm9_raw_files_are_read_with_their_labels(tmp_path: Path) -> None:
         ),
         (QM9_WATER + "".join(QM9_METHANE.splitlines(True)[:-2]), [("ok", "gdb_3"), ("ok", "gdb_1")]),
         ((QM9_METHANE + QM9_WATER).replace("\n", "\r\n"), [("ok", "gdb_1"), ("ok", "gdb_3")]),
+        # atomic numbers for the symbols, as in plain XYZ
+        (
+            QM9_METHANE.replace("\nC\t", "\n6\t").replace("\nH\t", "\n1\t") + QM9_WATER,
+            [("ok", "gdb_1"), ("ok", "gdb_3")],
+        ),
     ],
 )
 def test_broken_qm9_frames_are_one_row_and_never_lose_the_next(tmp_path: Path, text: str, expected) -> None:

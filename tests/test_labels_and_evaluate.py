@@ -108,6 +108,19 @@ def test_predictions_written_as_sdf_evaluate_as_labels(
         tag = column_name(target, TARGETS[target].unit)
         scale = max(abs(float(mol.GetProp(tag))) for mol in written)
         assert metrics["mae"] <= 1e-6 * max(scale, 1.0), (target, metrics["mae"], scale)
+    # the references are labels, not se3t's own predictions
+    for target in referenced:
+        assert not any(is_own_prediction(mol.GetPropsAsDict(), target) for mol in written)
+    # predicted again from its own output: the references stay, the new predictions replace the old ones
+    again = tmp_path / "again.sdf"
+    assert runner.invoke(app, ["predict", str(out), *model, "-o", str(again)]).exit_code == 0
+    rewritten = list(Chem.SDMolSupplier(str(again), removeHs=False))
+    for first, second in zip(written, rewritten, strict=True):
+        for target in referenced:
+            tag = column_name(target, TARGETS[target].unit)
+            reference = f"{tag}_input"
+            assert second.GetProp(reference) == first.GetProp(reference)
+            assert not second.HasProp(f"{reference}_input") and second.HasProp(tag)
 
 
 def test_evaluate_scores_a_labelled_file_on_the_targets_it_carries(tmp_path: Path, samples: Path) -> None:

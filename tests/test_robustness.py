@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import typing
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from se3tcli.checkpoint import CheckpointError, checkpoint_dict, load_model, sav
 from se3tcli.cli import app
 from se3tcli.files import atomic_write
 from se3tcli.io import read_molecules
-from se3tcli.io.conformers import DEFAULT_TIMEOUT_S
+from se3tcli.io.conformers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from se3tcli.io.filereader import read_file
 from se3tcli.io.reading import reader_of
 from se3tcli.io.smiles import SMILES_READER
@@ -475,6 +476,8 @@ def test_a_molecule_over_the_atom_limit_is_its_own_error_row(tmp_path, tiny_mode
     defaults = {name: p.default for name, p in inspect.signature(cli.predict).parameters.items()}
     assert defaults["max_atoms_per_molecule"] == MAX_ATOMS_PER_MOLECULE
     assert defaults["conformer_timeout"] == DEFAULT_TIMEOUT_S
+    hints = typing.get_type_hints(cli.predict, include_extras=True)
+    assert hints["conformer_timeout"].__metadata__[0].max == MAX_TIMEOUT_S
 
 
 CPU_OUT_OF_MEMORY = (

@@ -110,3 +110,12 @@ def test_predict_flags_the_row_and_still_predicts(tmp_path: Path, tiny_checkpoin
     lines = out.read_text().splitlines()[1:]
     assert "unphysical geometry" in lines[0] and "disconnected fragments" in lines[1]
     assert all(",warning," in line for line in lines)
+
+
+def test_hypervalent_and_coordinated_atoms_are_not_over_bonded() -> None:
+    tetrahedron = np.array([[1, 1, 1], [-1, -1, 1], [-1, 1, -1], [1, -1, -1]]) / np.sqrt(3)
+    perchloric = [17, 8, 8, 8, 8], np.vstack([np.zeros(3), 1.44 * tetrahedron])  # ClO4 core, Cl-O 1.44 Å
+    zinc_oxo = [8, 30, 30, 30, 30], np.vstack([np.zeros(3), 1.94 * tetrahedron])  # a μ4-oxo, Zn-O 1.94 Å
+    for numbers, positions in (perchloric, zinc_oxo):
+        molecule = Molecule("m", "m.xyz", 0, np.array(numbers), positions, {}, "ok")
+        assert not [w for w in structure_warnings(molecule) if "valence" in w]

@@ -399,3 +399,21 @@ def load_model_api(path: Path):
     import se3tcli as se3t
 
     return se3t.load_model(str(path), device="cpu")
+
+
+def test_two_symmetry_equivalent_training_atoms_do_not_make_everything_novel():
+    """Two identical atoms of an element (the two N of one pyrazine): a nearby atom is not novel."""
+    from se3tcli.train.uncertainty import _fit_novelty
+
+    model = _model_with_head()
+    head = model.uncertainty
+    n_features = head.feature_mean.shape[1]
+    rng = np.random.default_rng(1)
+    twin = torch.from_numpy(rng.normal(size=n_features))
+    many = torch.from_numpy(rng.normal(size=(400, n_features)))
+    invariants = torch.cat([twin[None], twin[None] + 1e-6, many]).to(head.whitening)
+    element = torch.cat([torch.zeros(2), torch.ones(400)]).long()
+    _fit_novelty(head, [(invariants, element, None, None)])
+    near = (twin + 0.1 * torch.from_numpy(rng.normal(size=n_features)) / n_features**0.5).to(head.whitening)
+    novelty = head.atom_distances(near[None], torch.zeros(1, dtype=torch.long)) / head.novelty_scale[0]
+    assert float(novelty) < 1

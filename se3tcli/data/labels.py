@@ -51,8 +51,10 @@ def is_own_prediction(properties: Mapping[str, object], target: str) -> bool:
     if STATUS_TAG not in properties:
         return False
     prediction = column_name(target, TARGETS[target].unit)
+    status = {STATUS_TAG: properties[STATUS_TAG]}  # so that a reference's _input suffix is understood
     return prediction in properties and all(
-        key == prediction or label_value({key: properties[key]}, target) is None for key in properties
+        key == prediction or label_value({key: value} | status, target) is None
+        for key, value in properties.items()
     )
 
 
@@ -61,24 +63,39 @@ def label_value(properties: Mapping[str, object], target: str) -> float | None:
     The key spelled exactly like the target wins over other spellings. In se3t's own SDF output (records
     with a status tag) the input's values come first, whatever their spelling (``homo_eV_input``,
     ``HOMO [eV]``), and se3t's prediction (``homo_eV``) serves only where the input had none."""
-    return next((value for _, value in _labels(properties, target)), None)
+    return next((value for _, value, _ in _labels(properties, target)), None)
 
 
 def label_conflict(properties: Mapping[str, object], target: str) -> str | None:
-    """Where a record gives ``target`` under several keys with different values (beyond rounding: 1e-4
-    relative), which ones: ``"homo -6.1, HOMO [eV] -5.9 eV"`` (the first is what :func:`label_value`
-    uses); None otherwise. se3t's own prediction in its output files is not a label here."""
+    """Where a record gives ``target`` under several keys with values that differ by more than the
+    precision they were written with (half a unit of the last digit, converted), which ones:
+    ``"homo -6.1, HOMO [eV] -5.9 eV"`` (the first is what :func:`label_value` uses); None otherwise.
+    se3t's own prediction in its output files is not a label here."""
     prediction = column_name(target, TARGETS[target].unit) if STATUS_TAG in properties else None
-    given = [(key, value) for key, value in _labels(properties, target) if key != prediction]
-    if len(given) < 2 or all(math.isclose(v, given[0][1], rel_tol=1e-4, abs_tol=1e-9) for _, v in given):
+    given = [label for label in _labels(properties, target) if label[0] != prediction]
+    first_key, first, first_precision = given[0] if given else ("", 0.0, 0.0)
+    if all(abs(value - first) <= first_precision + precision for _, value, precision in given[1:]):
         return None
-    values = ", ".join(f"{key} {value:.6g}" for key, value in given)
+    values = ", ".join(f"{key} {value:.6g}" for key, value, _ in given)
     return f"{values} {TARGETS[target].unit}".rstrip()
 
 
-def _labels(properties: Mapping[str, object], target: str) -> Iterator[tuple[str, float]]:
-    """``(key, value in the display unit)`` of every finite label of ``target``, the preferred first (see
-    :func:`label_value`)."""
+_NUMBER = re.compile(r"\s*[-+]?(?:\d*\.(?P<decimals>\d*)|\d+)(?:[eE](?P<exponent>[-+]?\d+))?\s*")
+
+
+def _written_precision(text: object) -> float:
+    """Half a unit of the last digit a number was written with (``-6.10`` -> 0.005, ``2.5e-3`` ->
+    5e-5); 0 for what is not a plain decimal number (an exact value)."""
+    match = _NUMBER.fullmatch(str(text))
+    if match is None:
+        return 0.0
+    decimals = len(match["decimals"] or "") - int(match["exponent"] or 0)
+    return 0.5 * 10.0**-decimals
+
+
+def _labels(properties: Mapping[str, object], target: str) -> Iterator[tuple[str, float, float]]:
+    """``(key, value, the precision it was written with)`` of every finite label of ``target``, in the
+    display unit, the preferred first (see :func:`label_value`)."""
     prediction = column_name(target, TARGETS[target].unit) if STATUS_TAG in properties else None
 
     def rank(key: str) -> tuple[bool, bool]:
@@ -95,4 +112,4 @@ def _labels(properties: Mapping[str, object], target: str) -> Iterator[tuple[str
         except (TypeError, ValueError):
             continue
         if math.isfinite(value):
-            yield str(key), value
+            yield str(key), value, _written_precision(properties[key]) * abs(factor)

@@ -22,6 +22,7 @@ from se3tcli.io.rdkit_tools import RDKitLog
 
 _MMFF_MAX_ITERS = 2000
 DEFAULT_TIMEOUT_S = 60.0  # wall-clock seconds per molecule for its conformer
+MAX_TIMEOUT_S = 86_400.0  # the longest limit one may set (a day); 0 means none
 FORCE_FIELD_GEOMETRY = (
     "force-field geometry (generated conformer, not DFT-optimised like the training molecules): "
     "errors are larger than the test error"

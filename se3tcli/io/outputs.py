@@ -96,8 +96,9 @@ class JsonFormat:
 
 class SdfFormat:
     """SD records with 3D coordinates, the original tags, one tag per value (``homo_eV``) and
-    se3t_status/message. An input tag named like a value tag (such as an earlier run's prediction, or
-    reference values) is kept as ``<tag>_input``.
+    se3t_status/message. An input tag named like a value tag (reference values) is kept as
+    ``<tag>_input``; in se3t's own output read back (records with a status tag) such tags are the earlier
+    run's predictions, which the new ones replace (its ``_input`` tags stay as they are).
 
     Rows without atoms or without finite coordinates cannot be written as SD records and are skipped.
     """
@@ -117,7 +118,10 @@ class SdfFormat:
             bonded = perceive_bonds(mol) if molecule.ok else None
             mol = mol if bonded is None else bonded
         mol.SetProp("_Name", " ".join(molecule.name.split()))  # the title line of an SD record
+        earlier_run = STATUS_TAG in molecule.properties  # se3t's own output: its values were predictions
         for key, value in molecule.properties.items():
+            if key in self._tag_names and earlier_run:
+                continue  # an earlier prediction: replaced below, never kept as a reference
             mol.SetProp(f"{key}{INPUT_TAG_SUFFIX}" if key in self._tag_names else key, value)
         for quantity, tag in self._tags.items():
             value = values.get(quantity)

@@ -26,9 +26,10 @@ BOND_FACTOR = 1.25  # a pair closer than this times its covalent radii sum is bo
 # than MAX_NEIGHBOURS allows within 1.14x (within 1.25x, 4 % do, across small rings).
 VALENCE_BOND_FACTOR = 1.1
 _ALL_PAIRS_ATOMS = 256  # up to this many atoms, all pairs in numpy beat a neighbour search
-# The most bonded neighbours an atom of an element can have in a molecule (hypervalent P, S, I included);
-# elements not listed are not judged.
-MAX_NEIGHBOURS = {1: 1, 5: 4, 6: 4, 7: 4, 8: 3, 9: 1, 14: 6, 15: 6, 16: 6, 17: 1, 35: 1, 53: 5}
+# The most bonded neighbours a main-group atom can have in a molecule, hypervalent ones included (boron
+# clusters 6, SF6, ClO4-, BrF5, IF7). Only bonds between these elements count: elements not listed (metals)
+# are neither judged nor counted, so coordination (a μ4-oxo, a metal-bound H) is not a valence problem.
+MAX_NEIGHBOURS = {1: 1, 5: 6, 6: 4, 7: 4, 8: 3, 9: 1, 14: 6, 15: 6, 16: 6, 17: 4, 35: 5, 53: 7}
 
 
 def structure_warnings(molecule: Molecule) -> list[str]:
@@ -66,7 +67,9 @@ def structure_warnings(molecule: Molecule) -> list[str]:
 def _valence_warnings(numbers: np.ndarray, bonded: np.ndarray) -> list[str]:
     """The first atom with more bonded neighbours than :data:`MAX_NEIGHBOURS` allows, and how many such
     atoms there are (``bonded``: ``[n_bonds, 2]`` atom pairs)."""
-    neighbours = np.bincount(bonded.ravel(), minlength=len(numbers))  # [n_atoms]
+    judged = np.array([int(z) in MAX_NEIGHBOURS for z in numbers])  # [n_atoms]
+    covalent = bonded[judged[bonded].all(axis=1)]  # bonds between main-group atoms
+    neighbours = np.bincount(covalent.ravel(), minlength=len(numbers))  # [n_atoms]
     allowed = np.array([MAX_NEIGHBOURS.get(int(z), len(numbers)) for z in numbers])
     over = np.flatnonzero(neighbours > allowed)
     if not len(over):

@@ -132,8 +132,12 @@ def _is_atom_line(line: object) -> bool:
 
 
 def _is_qm9_atom_line(line: object) -> bool:
-    """An atom line of QM9's format: an element symbol first (a frequency line starts with a number)."""
-    return _is_atom_line(line) and line.split()[0].isalpha()
+    """An atom line of QM9's format: an element symbol or atomic number first (a frequency line starts
+    with a decimal number)."""
+    if not _is_atom_line(line):
+        return False
+    element = line.split()[0]
+    return element.isalpha() or _ATOMIC_NUMBER.fullmatch(element) is not None
 
 
 def _is_count_line(line: str | None) -> bool:

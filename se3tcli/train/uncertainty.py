@@ -102,23 +102,30 @@ def _train(
     head.eval()
 
 
-def _whitening(count: float, total: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean [F], whitening [F, F])`` of ``count`` feature vectors from their sum and sum of outer
-    products. The covariance is shrunk towards its mean variance by F / (count + F) (at least
-    :data:`_SHRINKAGE`), so that few atoms give near-Euclidean distances, not huge ones off their span."""
-    n_features = len(total)
+def _moments(count: float, total: torch.Tensor, outer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean [F], covariance [F, F])`` of ``count`` vectors from their sum and sum of outer products."""
     mean = total / count
-    covariance = outer / count - torch.outer(mean, mean)
-    shrink = max(_SHRINKAGE, n_features / (count + n_features))
-    spread = covariance.diagonal().mean().clamp_min(1e-12)
-    covariance = (1 - shrink) * covariance + shrink * spread * torch.eye(n_features, dtype=covariance.dtype)
-    return mean, torch.linalg.cholesky(torch.linalg.inv(covariance))
+    return mean, outer / count - torch.outer(mean, mean)
+
+
+def _shrunk(covariance: torch.Tensor, towards: torch.Tensor, count: float | torch.Tensor) -> torch.Tensor:
+    """``covariance`` of ``count`` vectors moved towards ``towards`` by F / (count + F) (at least
+    :data:`_SHRINKAGE`): few vectors borrow the shape of many, instead of giving huge distances off the
+    span of their own (two symmetry-equivalent atoms span nothing)."""
+    shrink = _shrinkage(float(count), len(covariance))
+    return (1 - shrink) * covariance + shrink * towards
+
+
+def _shrinkage(count: float, n_features: int) -> float:
+    """How far the statistics of ``count`` feature vectors move towards those of all atoms."""
+    return max(_SHRINKAGE, n_features / (count + n_features))
 
 
 @torch.no_grad()
 def _fit_novelty(head: UncertaintyHead, cached: Cached) -> None:
     """Each element's feature mean, whitening and distance scale (the 99.9th percentile) from the training
-    atoms in ``cached``; an element with fewer than two of them gets those of all atoms."""
+    atoms in ``cached``. An element's covariance is shrunk towards that of all atoms (which is shrunk
+    towards its mean variance); an element with fewer than two atoms takes all atoms' statistics."""
     n_elements, n_features = head.feature_mean.shape
     count = torch.zeros(n_elements + 1, dtype=torch.float64)  # the last row: all atoms
     total = torch.zeros(n_elements + 1, n_features, dtype=torch.float64)
@@ -129,21 +136,30 @@ def _fit_novelty(head: UncertaintyHead, cached: Cached) -> None:
             count[k] += len(mine)
             total[k] += mine.sum(0)
             outer[k] += mine.T @ mine
+    all_mean, all_covariance = _moments(float(count[-1]), total[-1], outer[-1])
+    spread = all_covariance.diagonal().mean().clamp_min(1e-12) * torch.eye(n_features, dtype=torch.float64)
+    all_covariance = _shrunk(all_covariance, spread, float(count[-1]))
+    all_whitening = torch.linalg.cholesky(torch.linalg.inv(all_covariance))
     own = [bool(count[e] >= 2) for e in range(n_elements)]
-    pooled = _whitening(float(count[-1]), total[-1], outer[-1])
     for e in range(n_elements):
-        mean, whitening = _whitening(float(count[e]), total[e], outer[e]) if own[e] else pooled
+        mean, whitening = all_mean, all_whitening
+        if own[e]:
+            mean, covariance = _moments(float(count[e]), total[e], outer[e])
+            whitening = torch.linalg.cholesky(torch.linalg.inv(_shrunk(covariance, all_covariance, count[e])))
         head.feature_mean[e], head.whitening[e] = mean.to(head.feature_mean), whitening.to(head.whitening)
-    distances: list[list[torch.Tensor]] = [[] for _ in range(n_elements + 1)]
+    distances: list[list[np.ndarray]] = [[] for _ in range(n_elements + 1)]  # the last: all atoms'
     for invariants, element, _, _ in cached:
-        x, e = invariants.double().cpu(), element.cpu()
-        d = head.atom_distances(x.to(head.whitening), e.to(head.whitening.device)).cpu()
+        d = head.atom_distances(invariants.to(head.whitening), element.to(head.whitening.device)).cpu()
+        e = element.cpu()
         for k in torch.unique(e).tolist():
-            distances[k].append(d[e == k])
-        distances[-1].append(((x - pooled[0]) @ pooled[1]).norm(dim=1) / n_features**0.5)
-    for e in range(n_elements):
-        parts = distances[e] if own[e] else distances[-1]
-        scale = float(np.quantile(torch.cat(parts).numpy(), NOVELTY_QUANTILE)) if parts else 1.0
+            distances[k].append(d[e == k].numpy())
+        pooled = (invariants.double().cpu() - all_mean) @ all_whitening  # on all atoms' statistics
+        distances[-1].append((pooled.norm(dim=1) / n_features**0.5).numpy())
+    everyone = float(np.quantile(np.concatenate(distances[-1]), NOVELTY_QUANTILE))
+    for e in range(n_elements):  # an element's percentile, shrunk like its covariance: a few atoms say little
+        mine = float(np.quantile(np.concatenate(distances[e]), NOVELTY_QUANTILE)) if own[e] else everyone
+        shrink = _shrinkage(float(count[e]), n_features)
+        scale = (1 - shrink) * mine + shrink * everyone
         head.novelty_scale[e] = scale if scale > 0 else 1.0
 
 

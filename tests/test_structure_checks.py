@@ -37,6 +37,11 @@ CASES = {
     "two fragments": (WATER + _shifted(WATER, 5.0), "2 disconnected fragments"),
     "no hydrogens": (BENZENE_RING, "no hydrogen atoms"),
     "radical": ([("O", 0.0, 0.0, 0.0), ("H", 0.97, 0.0, 0.0)], "odd number of electrons"),
+    # CH2 (8 electrons, an even count): two hydrogens missing, or a carbene
+    "open valence": (
+        [("C", 0.0, 0.0, 0.0), ("H", 1.09, 0.0, 0.0), ("H", -0.36, 1.03, 0.0)],
+        "valences do not close",
+    ),
     # CH6: six hydrogens at C-H bond length around one carbon (12 electrons, no pair too close)
     "over-bonded": (
         [("C", 0.0, 0.0, 0.0)] + [("H", *(1.09 * v)) for v in np.vstack([np.eye(3), -np.eye(3)])],

@@ -23,11 +23,15 @@ def _loaded(domain: dict) -> LoadedModel:
 
 
 def _molecule(n_carbons: int) -> Molecule:
-    """A chain of carbons 1.5 Å apart with four hydrogens on the first: one sound fragment of any size."""
-    numbers = np.array([6] * n_carbons + [1] * 4, dtype=np.int64)
-    chain = np.arange(n_carbons)[:, None] * np.array([1.5, 0.0, 0.0])
-    hydrogens = 1.09 * np.array([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
-    return Molecule("m", "in.sdf", 0, numbers, np.concatenate([chain, hydrogens]), {}, STATUS_OK)
+    """The n-alkane of ``n_carbons`` carbons with an ETKDG geometry: one sound molecule of any size."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    mol = Chem.AddHs(Chem.MolFromSmiles("C" * n_carbons))
+    AllChem.EmbedMolecule(mol, randomSeed=7)
+    numbers = np.array([atom.GetAtomicNum() for atom in mol.GetAtoms()], dtype=np.int64)
+    positions = mol.GetConformer().GetPositions()
+    return Molecule("m", "in.sdf", 0, numbers, positions, {}, STATUS_OK, rdkit_mol=mol)
 
 
 @pytest.mark.parametrize("n_heavy", [1, 3, 5])

@@ -637,6 +637,8 @@ def export(
     model = model_from_checkpoint(data, checkpoint).to(torch_device)
     labelled = labelled_for_checkpoint(data, cache=str(cache) if cache else None)
     _, _, metrics = split_predictions(model, labelled, "test", batch_size, torch_device)
+    own = [p for name, p in model.named_parameters() if not name.startswith("uncertainty.")]
+    n_parameters = sum(p.numel() for p in own)  # the network's; its uncertainty head's are in the report
     report = None
     if uncertainty:
         from se3tcli.train.uncertainty import fit_uncertainty
@@ -654,7 +656,6 @@ def export(
     elif model.uncertainty is not None:  # no head rather than one the card says nothing about
         model.config, model.uncertainty = model.config.replace(uncertainty_hidden=0), None
     data = data | {"config": model.config.to_dict(), "state_dict": _cpu_state(model)}
-    n_parameters = sum(p.numel() for p in model.parameters())
     evaluation_command = f"se3t evaluate --model {name} --split test"
     pt_path, card_path = write_model(
         name,

@@ -244,6 +244,7 @@ def fit_uncertainty(
     return {
         "method": METHOD,
         "fitted_on": {"train_molecules": int(len(train)), "epochs": epochs, "width": width, "seed": seed},
+        "parameters": sum(p.numel() for p in head.parameters()),  # beside the model's own
         "calibrated_on": {"split": "val", "molecules": int(len(splits["val"]))},
         "low_confidence": f"sigma above the {LOW_CONFIDENCE_QUANTILE:.0%} quantile of validation sigmas",
         "scored_on": {

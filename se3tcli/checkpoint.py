@@ -81,7 +81,7 @@ def checkpoint_dict(
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": cpu_state_dict(model),
         "normalization": normalization,
         "atom_refs": atom_refs,
         "targets": {t: TARGETS[t].unit for t in config.targets},
@@ -89,6 +89,11 @@ def checkpoint_dict(
         "training": training or {},
         "metrics": metrics or {},
     }
+
+
+def cpu_state_dict(model: SE3Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers, detached, on the CPU: what a checkpoint stores."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(data: dict[str, Any], path: str | Path) -> None:

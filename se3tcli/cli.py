@@ -628,7 +628,7 @@ def export(
     """Package a checkpoint as a model: test-split errors, a calibrated uncertainty head, NAME.pt and its
     model card NAME.json."""
     from se3tcli.card import write_model
-    from se3tcli.checkpoint import model_from_checkpoint, read_checkpoint
+    from se3tcli.checkpoint import cpu_state_dict, model_from_checkpoint, read_checkpoint
     from se3tcli.render import calibration_table, metrics_table
     from se3tcli.train import labelled_for_checkpoint, split_predictions
 
@@ -655,7 +655,7 @@ def export(
             )
     elif model.uncertainty is not None:  # no head rather than one the card says nothing about
         model.config, model.uncertainty = model.config.replace(uncertainty_hidden=0), None
-    data = data | {"config": model.config.to_dict(), "state_dict": _cpu_state(model)}
+    data = data | {"config": model.config.to_dict(), "state_dict": cpu_state_dict(model)}
     evaluation_command = f"se3t evaluate --model {name} --split test"
     pt_path, card_path = write_model(
         name,
@@ -673,10 +673,6 @@ def export(
     if report:
         console.print(calibration_table(report))
     console.print(f"wrote {pt_path} and {card_path}", markup=False)
-
-
-def _cpu_state(model) -> dict:
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def run() -> None:  # pragma: no cover - `python -m se3tcli`

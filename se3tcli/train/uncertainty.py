@@ -14,7 +14,7 @@ exported.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -57,20 +57,18 @@ def _features_only(batch: Batch) -> Batch:
 @torch.no_grad()
 def _features_and_errors(
     model: SE3Transformer, labelled: LabelledData, indices: np.ndarray, batch_size: int, device: torch.device
-) -> Cached:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Batch, torch.Tensor]]:
     """Per batch of molecules ``indices``: ``(invariants [n_atoms, F], element [n_atoms], batch, errors
-    [b, T] in display units)``."""
+    [b, T] in display units)``, one batch at a time (the fit keeps them; scoring does not need to)."""
     model.eval()
     targets = model.config.targets
-    cached = []
     for batch, truth, _ in batches(labelled.data, indices, batch_size, model.config.cutoff):
         batch = batch.to(device)
         h, element = model.features(batch)
         out = model.readout(h, element, batch)
         pred = torch.stack([out[t] for t in targets], dim=1).double()
         invariants = atom_invariants(h, model.config.lmax)
-        cached.append((invariants, element, _features_only(batch), pred - truth.to(device)))
-    return cached
+        yield invariants, element, _features_only(batch), pred - truth.to(device)
 
 
 def _train(
@@ -208,7 +206,7 @@ def fit_uncertainty(
     model.uncertainty = head
     rng = np.random.default_rng(seed)
     train = np.sort(rng.permutation(splits["train"])[:molecules])
-    cached = _features_and_errors(model, labelled, train, batch_size, device)
+    cached = list(_features_and_errors(model, labelled, train, batch_size, device))  # read every epoch
     _train(head, cached, epochs, lr, seed, on_epoch)
     _fit_novelty(head, cached)
     del cached

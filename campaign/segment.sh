@@ -21,7 +21,8 @@ PY
 }
 read -r step0 epoch0 elapsed0 < <(position)
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-OMP_NUM_THREADS=$threads se3t train --out "$run" --resume --time-limit "$minutes" "$@"
+status=0  # an interrupted segment (Ctrl-C, SIGTERM) saved last.pt too: record it, then pass its status on
+OMP_NUM_THREADS=$threads se3t train --out "$run" --resume --time-limit "$minutes" "$@" || status=$?
 read -r step1 epoch1 elapsed1 < <(position)
 batch=$(python -c "import json; print(json.load(open('$run/config.json'))['options']['batch_size'])")
 rate=$(python -c "print(round(($step1 - $step0) * $batch / max($elapsed1 - $elapsed0, 1e-9), 1))")
@@ -29,3 +30,4 @@ rate=$(python -c "print(round(($step1 - $step0) * $batch / max($elapsed1 - $elap
 cpu=$(python -c "import platform; print(platform.machine())")
 echo "$started,$cpu x$(nproc),$threads,\"$*\",$step0,$step1,$epoch0,$epoch1,$(python -c "print(round($elapsed1 - $elapsed0, 1))"),$rate" >> campaign/segments.csv
 echo "segment done: steps $step0 -> $step1, epochs $epoch0 -> $epoch1, $rate mol/s"
+exit "$status"

@@ -135,6 +135,16 @@ def test_a_run_saved_before_the_average_or_with_a_cutoff_option_resumes_as_it_wa
     assert not hasattr(resumed, "cutoff")
 
 
+def test_a_resume_keeps_the_runs_rare_size_floor_unless_it_gives_one() -> None:
+    assert TrainOptions().for_new_run().rare_size_floor == 0.0
+    assert TrainOptions(resume=True).resumed(_saved(rare_size_floor=0.002)).rare_size_floor == 0.002
+    assert TrainOptions(rare_size_floor=0.001).resumed(_saved(rare_size_floor=0.002)).rare_size_floor == 0.001
+    assert TrainOptions(rare_size_floor=0.0).resumed(_saved(rare_size_floor=0.002)).rare_size_floor == 0.0
+    older = _saved()
+    del older["rare_size_floor"]  # a run saved before the floor existed
+    assert TrainOptions(resume=True).resumed(older).rare_size_floor == 0.0
+
+
 def test_an_ema_decay_of_zero_means_no_average() -> None:
     assert TrainOptions(ema_decay=0).ema_decay is None
     assert TrainOptions().ema_decay == 0.999

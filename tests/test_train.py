@@ -177,6 +177,57 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path: Path) -> None
     )
 
 
+def test_a_rare_size_floor_repeats_rare_sizes_and_resumes_exactly(tmp_path: Path) -> None:
+    """With a floor of 0.25 the tiny data's epochs hold 79 molecules instead of 48 (sizes 6-8 repeated);
+    stopped after step 1 and resumed without the option, the run keeps its floor and ends as one that
+    never stopped."""
+    whole = Trainer(tiny_train_options(tmp_path / "whole", rare_size_floor=0.25))
+    whole.setup()
+    assert sorted(whole._epoch_order(0)) != sorted(whole.labelled.split["train"])
+    assert len(whole._epoch_order(0)) == 79 and whole.steps_per_epoch == 5
+    assert whole.run()["status"] == "finished" and whole.step == 10
+
+    parts = tmp_path / "parts"
+    first = Trainer(tiny_train_options(parts, rare_size_floor=0.25, time_limit=0.0))
+    first.setup()
+    assert first.run()["status"] == "time limit" and first.step == 1
+    resumed = Trainer(TrainOptions(out=str(parts), resume=True, device="cpu", epochs=None))
+    resumed.setup()
+    assert resumed.opts.rare_size_floor == 0.25
+    assert resumed.run()["status"] == "finished"
+    assert _without_time(_metrics_rows(parts)) == _without_time(_metrics_rows(tmp_path / "whole"))
+    a, b = read_checkpoint(tmp_path / "whole" / "last.pt"), read_checkpoint(parts / "last.pt")
+    _assert_same_tensors(a["state_dict"], b["state_dict"])
+
+
+def test_a_floor_given_on_resume_begins_with_the_next_epoch(tmp_path: Path) -> None:
+    """A run without a floor, stopped in epoch 1 and resumed with one: epoch 1 ends with its own 48
+    molecules, epoch 2 has 79, and the run keeps the new floor from then on."""
+    run = tmp_path / "run"
+    first = Trainer(tiny_train_options(run, time_limit=0.0))
+    first.setup()
+    assert first.run()["status"] == "time limit" and first.step == 1
+    said = _Messages()
+    resumed = Trainer(
+        TrainOptions(out=str(run), resume=True, device="cpu", epochs=None, rare_size_floor=0.25), said
+    )
+    resumed.setup()
+    assert said.lines[1] == (
+        "rare-size floor 0.25 from epoch 2 (the run's was 0): 79 molecules per epoch instead of 48"
+    )
+    assert [len(resumed._epoch_order(epoch)) for epoch in (0, 1)] == [48, 79]
+    assert resumed.run(should_stop=lambda: resumed.step == 4)["status"] == "interrupted"
+    saved = read_checkpoint(run / "last.pt")
+    assert saved["training"]["options"]["rare_size_floor"] == 0.25
+    assert saved["resume"]["rare_size_floor"] == 0.25 and saved["resume"]["epoch"] == 1  # epoch 2's floor
+
+    again = Trainer(TrainOptions(out=str(run), resume=True, device="cpu", epochs=None))
+    again.setup()
+    assert again.opts.rare_size_floor == 0.25 and len(again._epoch_order(1)) == 79
+    assert again.run()["status"] == "finished" and again.step == 3 + 5
+    assert len(_metrics_rows(run)) == 2
+
+
 # ------------------------------------------------------------------------------------------------- DDP
 
 _DDP_WORKER = textwrap.dedent(

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 DEFAULT_EPOCHS = 100
 
 # Options a resumed run takes from its command line; everything else (data, split, model, schedule) is the
-# run's own. `cuda_graphs` and `amp` say how steps run on a GPU (a CPU-started run may continue there).
+# run's own. `cuda_graphs` and `amp` say how steps run on a GPU (a CPU-started run may continue there);
+# `rare_size_floor` changes which molecules the epochs after the resumed one repeat.
 RESUME_MAY_CHANGE = frozenset(
     {
         "epochs",
@@ -32,6 +33,7 @@ RESUME_MAY_CHANGE = frozenset(
         "eval_batch_size",
         "cuda_graphs",
         "amp",
+        "rare_size_floor",
     }
 )
 
@@ -61,6 +63,14 @@ class TrainOptions:
     weight_decay: float = _option(1e-5, "AdamW weight decay.", min=0.0)
     warmup_epochs: float = _option(1.0, "Linear warm-up before the cosine decay.", min=0.0)
     clip_norm: float = _option(10.0, "Clip the gradient norm to this.", min=0.0)
+    # None: the run's own on resume, 0 (off) for a new run.
+    rare_size_floor: float | None = _option(
+        None,
+        "Repeat the training molecules of rare heavy-atom counts in every epoch until each count makes "
+        "up at least this fraction of it (e.g. 0.002; 0: off; with --resume, the run's own).",
+        min=0.0,
+        max=0.1,
+    )
     # Weights averaged over ~1/(1-decay) steps; None (0 on the command line): the raw weights.
     ema_decay: float | None = _option(
         0.999, "Validate and save an average of the weights (0: the raw weights).", min=0.0, max=0.99999
@@ -160,8 +170,12 @@ class TrainOptions:
         return d
 
     def for_new_run(self) -> TrainOptions:
-        """A copy of these options with the default number of epochs filled in."""
-        return replace(self, epochs=DEFAULT_EPOCHS if self.epochs is None else self.epochs)
+        """A copy of these options with the defaults of epochs and the rare-size floor filled in."""
+        return replace(
+            self,
+            epochs=DEFAULT_EPOCHS if self.epochs is None else self.epochs,
+            rare_size_floor=self.rare_size_floor or 0.0,
+        )
 
     def resumed(self, saved: dict[str, Any], given: Collection[str] | None = None) -> TrainOptions:
         """The options of a resumed run: the run's ``saved`` ones, with the budget this command gives.
@@ -169,7 +183,8 @@ class TrainOptions:
         ``given``: the options this command line set (None: those that differ from the defaults). Any of
         them that the run fixes (not in :data:`RESUME_MAY_CHANGE`) and that differs from the run's value
         raises ``ValueError``, instead of being silently ignored. An epoch count or patience not given is
-        the run's own, so its learning-rate schedule and early stopping are unchanged. Runs saved before
+        the run's own, so its learning-rate schedule and early stopping are unchanged; so is a rare-size
+        floor not given (runs saved before it existed had none). Runs saved before
         the weight average existed have none; runs that saved a ``cutoff`` option keep it in their model
         overrides (the model config holds it).
         """
@@ -190,6 +205,8 @@ class TrainOptions:
             options.epochs = saved["epochs"]
         if self.patience is None:
             options.patience = saved.get("patience")
+        if self.rare_size_floor is None:
+            options.rare_size_floor = saved.get("rare_size_floor") or 0.0
         return options
 
     def given_names(self, given: Collection[str] | None) -> set[str]:

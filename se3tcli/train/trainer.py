@@ -37,6 +37,7 @@ from se3tcli.train.ema import WeightAverage
 from se3tcli.train.evaluation import batches, predict_arrays, split_predictions, write_predictions
 from se3tcli.train.options import TrainOptions
 from se3tcli.train.run_directory import RunDirectory
+from se3tcli.train.sampling import epoch_pool, heavy_atom_counts
 from se3tcli.train.schedule import warmup_cosine
 from se3tcli.train.statistics import build_model, checkpoint_statistics, fit_statistics, initial_model
 from se3tcli.train.steps import EagerStep, GraphedStep, Update
@@ -119,8 +120,14 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self._parameter_groups(), lr=opts.lr, weight_decay=opts.weight_decay
         )
+        self.heavy_atoms = heavy_atom_counts(self.labelled.data)  # [n_mol], for the rare-size floor
+        # An epoch stopped part-way finishes with the molecules it began with, whatever floor a resume gives.
+        self.floor_of_epoch: dict[int, float] = {}
+        self.pools: dict[float, np.ndarray] = {}  # by floor
+        if saved is not None and saved["resume"]["batch_in_epoch"] > 0:
+            self.floor_of_epoch[saved["resume"]["epoch"]] = saved["resume"].get("rare_size_floor", 0.0)
         self._setup_batching()
-        self.steps_per_epoch = len(self._epoch_batches(0))
+        self.steps_per_epoch = len(self._epoch_batches(0, opts.rare_size_floor))
         self.total_steps = self.steps_per_epoch * opts.epochs
         self.scheduler = warmup_cosine(
             self.optimizer, int(opts.warmup_epochs * self.steps_per_epoch), self.total_steps
@@ -142,6 +149,7 @@ class Trainer:
             self.epoch_loss_sum = r.get("epoch_loss_sum", 0.0)
             micro_batches = r.get("micro_batches", 1)
             self._continue_schedule(saved["training"]["options"]["epochs"])
+            self._say_floor_change(saved["training"]["options"].get("rare_size_floor") or 0.0)
         elif self.dist.main:
             run_config = {"options": opts.to_dict(), "model": self.config.to_dict()}
             self.run_dir.start(self.labelled.split, opts.seed, run_config)
@@ -169,6 +177,15 @@ class Trainer:
             note += f", on a cosine over {opts.epochs} epochs instead of the run's {run_epochs}"
         if self.dist.main:
             self.reporter.message(note)
+
+    def _say_floor_change(self, run_floor: float) -> None:
+        floor = self.opts.rare_size_floor
+        if floor != run_floor and self.dist.main:
+            first = self.epoch + 1 + (self.epoch in self.floor_of_epoch)
+            self.reporter.message(
+                f"rare-size floor {floor:g} from epoch {first} (the run's was {run_floor:g}): "
+                f"{len(self._pool(floor))} molecules per epoch instead of {len(self._pool(run_floor))}"
+            )
 
     def _new_config(self, source: LoadedModel | None) -> ModelConfig:
         """A new run's model: this run's targets on the ``--init-from`` model (``source``) or the preset."""
@@ -258,15 +275,26 @@ class Trainer:
             most_edges = max(most_edges, int(np.add.reduceat(edges[order], starts).max()))
         return most_atoms, most_edges
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        train = self.labelled.split["train"]
-        order = np.random.default_rng([self.opts.seed, epoch]).permutation(train)
+    def _floor(self, epoch: int) -> float:
+        """The rare-size floor of ``epoch``: the run's, or the one a stopped epoch began with."""
+        return self.floor_of_epoch.get(epoch, self.opts.rare_size_floor)
+
+    def _pool(self, floor: float) -> np.ndarray:
+        """The training molecules an epoch visits with this rare-size floor (see ``epoch_pool``)."""
+        if floor not in self.pools:
+            self.pools[floor] = epoch_pool(self.labelled.split["train"], self.heavy_atoms, floor)
+        return self.pools[floor]
+
+    def _epoch_order(self, epoch: int, floor: float | None = None) -> np.ndarray:
+        """This rank's molecules of ``epoch`` in their seeded order (``floor``: instead of the epoch's)."""
+        pool = self._pool(self._floor(epoch) if floor is None else floor)
+        order = np.random.default_rng([self.opts.seed, epoch]).permutation(pool)
         per_rank = len(order) // self.dist.world
         return order[self.dist.rank * per_rank : (self.dist.rank + 1) * per_rank]
 
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+    def _epoch_batches(self, epoch: int, floor: float | None = None) -> list[np.ndarray]:
         """This rank's batches of the epoch: ``batch_size`` molecules each, or bounded by atoms/edges."""
-        order = self._epoch_order(epoch)
+        order = self._epoch_order(epoch, floor)
         if self.sizes is None:
             size = self.opts.batch_size
             return [order[start : start + size] for start in range(0, len(order), size)]
@@ -294,12 +322,11 @@ class Trainer:
     def domain(self) -> dict[str, Any]:
         """What the data covers, for the domain warnings of predictions (stored in every checkpoint)."""
         data = self.labelled.data
-        heavy = np.add.reduceat((data.numbers > 1).astype(np.int64), data.offsets[:-1])
-        train_heavy = heavy[self.labelled.split["train"]]
+        train_heavy = self.heavy_atoms[self.labelled.split["train"]]
         return {
             "elements": sorted({int(z) for z in np.unique(data.numbers)}),
             "max_atoms": int(data.n_atoms().max()),
-            "max_heavy_atoms": int(heavy.max()),
+            "max_heavy_atoms": int(self.heavy_atoms.max()),
             # Training molecules per heavy-atom count: predictions warn where few were seen.
             "train_molecules_by_heavy_atoms": {
                 str(k): int(n) for k, n in zip(*np.unique(train_heavy, return_counts=True), strict=True)
@@ -342,6 +369,7 @@ class Trainer:
                 "bad_epochs": self.bad_epochs,
                 "elapsed": self.elapsed,
                 "micro_batches": self.train_step.micro_batches,
+                "rare_size_floor": self._floor(self.epoch),  # the one this epoch's order was drawn with
             }
             if self.ema is not None:  # the checkpoint's model is the average; these are the live weights
                 data["resume"]["training_weights"] = {

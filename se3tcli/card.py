@@ -20,7 +20,7 @@ from se3tcli import __version__
 from se3tcli.checkpoint import model_from_checkpoint, save_checkpoint, sha256_of
 from se3tcli.elements import symbol
 from se3tcli.files import atomic_write
-from se3tcli.targets import PAPER_MAE, TARGETS
+from se3tcli.targets import NVIDIA_MAE, PAPER_MAE, TARGETS
 
 CARD_LIMITATIONS = (
     "Trained on QM9: small organic molecules (H, C, N, O, F; at most 9 heavy atoms) at B3LYP/6-31G(2df,p) "
@@ -47,13 +47,15 @@ def build_card(
     options = training.get("options", {})
     errors = {}
     for target, m in test_metrics.items():
-        paper = PAPER_MAE.get(target)
+        paper, nvidia = PAPER_MAE.get(target), NVIDIA_MAE.get(target)
         errors[target] = {
             "mae": m["mae_error_unit"],
             "rmse": m["rmse_error_unit"],
             "unit": m["error_unit"],
             "paper_mae": paper,
             "beats_paper": None if paper is None else bool(m["mae_error_unit"] < paper),
+            "nvidia_mae": nvidia,
+            "beats_nvidia": None if nvidia is None else bool(m["mae_error_unit"] < nvidia),
         }
     domain = training.get("domain", {})
     return {

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from se3tcli.errors import STATUS_ERROR, STATUS_WARNING
-from se3tcli.targets import PAPER_MAE, TARGETS, sigma_key
+from se3tcli.targets import NVIDIA_MAE, PAPER_MAE, TARGETS, sigma_key
 from se3tcli.train import TrainingReporter
 
 if TYPE_CHECKING:
@@ -34,6 +34,11 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     if value is None or not math.isfinite(value):
         return ""
     return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.6g}"
+
+
+def _reference(mae: float | None) -> str:
+    """A published MAE as a table shows it; empty where the publication has none."""
+    return "" if mae is None else f"{mae:g}"
 
 
 DEFAULT_DECIMALS = 4  # for targets whose typical error is unknown
@@ -138,21 +143,23 @@ def plain(text: str) -> str:
 
 
 def metrics_table(metrics: dict[str, dict], title: str) -> Table:
-    """MAE/RMSE per target in error units and R², beside the SE(3)-Transformer paper's MAE (if any)."""
+    """MAE/RMSE per target in error units and R², beside the SE(3)-Transformer paper's and NVIDIA's MAE
+    (where they report one)."""
     table = Table(title=Text(title))
     columns = (("target", "left"), ("MAE", "right"), ("RMSE", "right"), ("R²", "right"), ("unit", "left"))
     for name, justify in columns:
         table.add_column(name, justify=justify)
     table.add_column("paper MAE", justify="right", style="dim")
+    table.add_column("NVIDIA MAE", justify="right", style="dim")
     for t, m in metrics.items():
-        paper = PAPER_MAE.get(t)
         table.add_row(
             t,
             _fmt(m["mae_error_unit"]),
             _fmt(m["rmse_error_unit"]),
             _fmt(m.get("r2")),
             m["error_unit"],
-            "" if paper is None else f"{paper:g}",
+            _reference(PAPER_MAE.get(t)),
+            _reference(NVIDIA_MAE.get(t)),
         )
     return table
 
@@ -240,11 +247,11 @@ def card_tables(card: dict[str, Any]) -> list[Table]:
     errors = card.get("test_errors")
     if errors:
         table = Table(title="test-set errors")
-        for name in ("target", "MAE", "RMSE", "unit", "paper MAE"):
+        for name in ("target", "MAE", "RMSE", "unit", "paper MAE", "NVIDIA MAE"):
             table.add_column(name, justify="left" if name in ("target", "unit") else "right")
         for target, e in errors.items():
-            paper = "" if e.get("paper_mae") is None else f"{e['paper_mae']:g}"
-            table.add_row(target, _fmt(e["mae"]), _fmt(e["rmse"]), e["unit"], paper)
+            references = (_reference(e.get("paper_mae")), _reference(e.get("nvidia_mae")))
+            table.add_row(target, _fmt(e["mae"]), _fmt(e["rmse"]), e["unit"], *references)
         tables.append(table)
     if (card.get("uncertainty") or {}).get("targets"):
         tables.append(calibration_table(card["uncertainty"]))

@@ -223,6 +223,11 @@ def test_export_writes_the_head_and_its_calibration_to_checkpoint_and_card(expor
     assert checkpoint["config"]["uncertainty_hidden"] > 0
     assert any(k.startswith("uncertainty.") for k in checkpoint["state_dict"])
     card = json.loads(exported.with_suffix(".json").read_text())
+    homo = card["test_errors"]["homo"]  # beside the published MAEs: the paper's and NVIDIA's
+    assert (homo["paper_mae"], homo["nvidia_mae"]) == (35.0, 29.9)
+    assert homo["beats_nvidia"] == (homo["mae"] < 29.9) and card["test_errors"]["gap"]["nvidia_mae"] is None
+    shown = runner.invoke(app, ["info", str(exported)])
+    assert shown.exit_code == 0 and "NVIDIA MAE" in shown.output and "29.9" in shown.output
     unc = card["uncertainty"]
     assert set(unc["targets"]) == set(checkpoint["targets"]) and unc["scored_on"]["split"] == "test"
     loaded = load_model(str(exported))

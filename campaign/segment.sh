@@ -21,9 +21,10 @@ PY
 }
 read -r step0 epoch0 elapsed0 < <(position)
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-status=0  # an interrupted segment (Ctrl-C, SIGTERM) saved last.pt too: record it, then pass its status on
+status=0  # a segment interrupted (Ctrl-C, SIGTERM) after some steps saved last.pt: record it, pass its status on
 OMP_NUM_THREADS=$threads se3t train --out "$run" --resume --time-limit "$minutes" "$@" || status=$?
 read -r step1 epoch1 elapsed1 < <(position)
+if [ "$status" -ne 0 ] && [ "$step1" = "$step0" ]; then exit "$status"; fi  # it never started training
 batch=$(python -c "import json; print(json.load(open('$run/config.json'))['options']['batch_size'])")
 rate=$(python -c "print(round(($step1 - $step0) * $batch / max($elapsed1 - $elapsed0, 1e-9), 1))")
 [ -f campaign/segments.csv ] || echo "started_utc,cpu,threads,extra_options,step_from,step_to,epoch_from,epoch_to,train_s,mol_per_s" > campaign/segments.csv

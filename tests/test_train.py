@@ -30,6 +30,7 @@ from se3tcli.model.config import ModelConfig
 from se3tcli.targets import unit_identifier
 from se3tcli.train import Trainer, TrainingReporter, TrainOptions, build_model
 from se3tcli.train.config_file import options_from_file
+from se3tcli.train.schedule import FLOOR
 
 runner = CliRunner()
 TINY_FLAGS = ["--channels", "8", "--lmax", "1", "--layers", "1", "--heads", "2"]
@@ -224,8 +225,22 @@ def test_a_floor_given_on_resume_begins_with_the_next_epoch(tmp_path: Path) -> N
     again = Trainer(TrainOptions(out=str(run), resume=True, device="cpu", epochs=None))
     again.setup()
     assert again.opts.rare_size_floor == 0.25 and len(again._epoch_order(1)) == 79
+    assert again.total_steps == resumed.total_steps == 3 + 5  # the cosine ends with the last step
     assert again.run()["status"] == "finished" and again.step == 3 + 5
+    assert again.scheduler.get_last_lr()[0] == pytest.approx(again.opts.lr * FLOOR)
     assert len(_metrics_rows(run)) == 2
+
+
+def test_a_floor_lowered_on_resume_still_ends_the_schedule_with_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = Trainer(tiny_train_options(run, rare_size_floor=0.25))
+    first.setup()
+    assert first.run(should_stop=lambda: first.step == 6)["status"] == "interrupted"  # epoch 2, step 1 of 5
+    lowered = Trainer(TrainOptions(out=str(run), resume=True, device="cpu", epochs=None, rare_size_floor=0.0))
+    lowered.setup()
+    assert lowered.total_steps == 6 + 4  # the stopped epoch keeps its 79 molecules, 4 batches to go
+    assert lowered.run()["status"] == "finished" and lowered.step == 10
+    assert lowered.scheduler.get_last_lr()[0] == pytest.approx(lowered.opts.lr * FLOOR)
 
 
 # ------------------------------------------------------------------------------------------------- DDP

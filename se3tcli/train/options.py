@@ -66,8 +66,9 @@ class TrainOptions:
     # None: the run's own on resume, 0 (off) for a new run.
     rare_size_floor: float | None = _option(
         None,
-        "Repeat the training molecules of rare heavy-atom counts in every epoch until each count makes "
-        "up at least this fraction of it (e.g. 0.002; 0: off; with --resume, the run's own).",
+        "Repeat, in every epoch, the training molecules of each heavy-atom count held by fewer than F x "
+        "the training molecules, up to F x that many visits (e.g. 0.002; 0: off; with --resume, the "
+        "run's own).",
         min=0.0,
         max=0.1,
     )

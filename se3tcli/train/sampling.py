@@ -2,8 +2,8 @@
 
 QM9 has 2 training molecules with one heavy atom (CH4, H2O) among 100,000; seen once per epoch, the model
 never fits them (water's HOMO was 1.7 eV off after 32 epochs while the test MAE was 0.07 eV). A size
-floor repeats the molecules of every heavy-atom count rarer than the floor until that count makes up at
-least the floor's fraction of the epoch.
+floor f repeats the molecules of every heavy-atom count held by fewer than f x len(train) training
+molecules until the count has f x len(train) visits per epoch (a share just under f of the longer epoch).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def epoch_pool(train: np.ndarray, heavy: np.ndarray, size_floor: float) -> np.nd
 
     ``train``: the training split's indices; ``heavy``: heavy-atom counts of all molecules. With
     ``size_floor`` f > 0, each heavy-atom count with n < f * len(train) training molecules has all of
-    them repeated ceil(f * len(train) / n) times (so the count reaches the floor); 0: ``train`` itself.
+    them repeated ceil(f * len(train) / n) times (at least f * len(train) visits); 0: ``train`` itself.
     """
     if size_floor <= 0 or len(train) == 0:
         return train

@@ -127,11 +127,9 @@ class Trainer:
         if saved is not None and saved["resume"]["batch_in_epoch"] > 0:
             self.floor_of_epoch[saved["resume"]["epoch"]] = saved["resume"].get("rare_size_floor", 0.0)
         self._setup_batching()
-        self.steps_per_epoch = len(self._epoch_batches(0, opts.rare_size_floor))
-        self.total_steps = self.steps_per_epoch * opts.epochs
-        self.scheduler = warmup_cosine(
-            self.optimizer, int(opts.warmup_epochs * self.steps_per_epoch), self.total_steps
-        )
+        self.steps_per_epoch = len(self._epoch_batches(0, opts.rare_size_floor))  # at the run's floor
+        self.warmup_steps, self.total_steps = self._schedule_steps(saved)
+        self.scheduler = warmup_cosine(self.optimizer, self.warmup_steps, self.total_steps)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best_val, self.bad_epochs, self.elapsed = math.inf, 0, 0.0
         self.epoch_loss_sum = 0.0  # this epoch's batch losses so far, kept across a resume
@@ -159,6 +157,25 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.network = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.train_step = self._make_step(micro_batches)
+
+    def _schedule_steps(self, saved: dict[str, Any] | None) -> tuple[int, int]:
+        """Warm-up and total steps of the learning-rate schedule: epochs x steps per epoch for a new run,
+        the run's own for a resume. A resume that changes the epochs or the rare-size floor keeps the
+        steps done and lays the rest of the cosine over the rest of the stopped epoch and the remaining
+        epochs at their new length (runs saved before the totals were kept: as a new run's)."""
+        opts = self.opts
+        warmup, total = int(opts.warmup_epochs * self.steps_per_epoch), self.steps_per_epoch * opts.epochs
+        if saved is None:
+            return warmup, total
+        r, run = saved["resume"], saved["training"]["options"]
+        warmup = r.get("warmup_steps", warmup)
+        if opts.epochs == run["epochs"] and opts.rare_size_floor == (run.get("rare_size_floor") or 0.0):
+            return warmup, r.get("total_steps", total)
+        epoch = r["epoch"]
+        if epoch >= opts.epochs:
+            return warmup, r["step"]  # the schedule is over
+        rest_of_epoch = len(self._epoch_batches(epoch)) - r["batch_in_epoch"]
+        return warmup, r["step"] + rest_of_epoch + (opts.epochs - epoch - 1) * self.steps_per_epoch
 
     def _continue_schedule(self, run_epochs: int) -> None:
         """Give the optimizer the learning rates of this run's schedule at the resumed step (another
@@ -370,6 +387,8 @@ class Trainer:
                 "elapsed": self.elapsed,
                 "micro_batches": self.train_step.micro_batches,
                 "rare_size_floor": self._floor(self.epoch),  # the one this epoch's order was drawn with
+                "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps,
             }
             if self.ema is not None:  # the checkpoint's model is the average; these are the live weights
                 data["resume"]["training_weights"] = {

@@ -79,30 +79,63 @@ def _closure_warnings(
 ) -> list[str]:
     """Atoms-only input: whether bond orders exist that give every atom a closed valence shell, for the
     pairs bonded within 1.1x their covalent radii, or else 1.15x or 1.2x (strained cages have bonds up
-    to 1.14x): RDKit's bond-order assignment on that connectivity closes all of 30,000 QM9 molecules,
-    where RDKit's own connectivity fails on 5 %. Judged for main-group atoms only, up to
+    to 1.14x): RDKit's bond-order assignment on that connectivity closes all of QM9's 130,831 molecules,
+    where RDKit's own connectivity fails on 5 %; 45 of them (mesoionic rings, carbanion zwitterions)
+    only with a charged carbon. Judged for main-group atoms only, up to
     :data:`~se3tcli.io.bonds.MAX_ATOMS_BOND_PERCEPTION` atoms."""
     if len(numbers) > MAX_ATOMS_BOND_PERCEPTION or not all(int(z) in MAX_NEIGHBOURS for z in numbers):
         return []
-    if any(_closes(numbers, positions, pairs[ratio < factor], charge) for factor in CLOSURE_BOND_FACTORS):
-        return []
+    verdicts = set()
+    for factor in CLOSURE_BOND_FACTORS:
+        verdicts.add(_closure(numbers, positions, pairs[ratio < factor], charge))
+        if CLOSED in verdicts:
+            return []
+    if CLOSED_WITH_CHARGED_CARBON in verdicts:
+        return [
+            "valences close only with a charged carbon or a bare proton (as an ylide would: hydrogens "
+            "missing?)"
+        ]
     return [
         "valences do not close: no bond orders give every atom a closed shell (a hydrogen missing, or a "
         "radical or an ion?)"
     ]
 
 
-def _closes(numbers: np.ndarray, positions: np.ndarray, bonds: np.ndarray, charge: int) -> bool:
-    mol = Chem.RWMol(atoms_mol(numbers, positions))
-    for i, j in bonds.tolist():
-        mol.AddBond(i, j, Chem.BondType.SINGLE)
-    with RDKitLog():
-        try:
-            rdDetermineBonds.DetermineBondOrders(mol, charge=charge)
-            Chem.SanitizeMol(mol)
-        except Exception:  # no bond orders fit
+CLOSED, CLOSED_WITH_CHARGED_CARBON = "closed", "closed with a charged carbon"
+
+
+def _closure(numbers: np.ndarray, positions: np.ndarray, bonds: np.ndarray, charge: int) -> str | None:
+    """Whether bond orders on ``bonds`` give every atom a closed shell: :data:`CLOSED` without formal
+    charges or with charges of the kinds closed-shell molecules have (see :func:`_plausible_charges`),
+    :data:`CLOSED_WITH_CHARGED_CARBON` only with others, None not at all."""
+    verdict = None
+    for charged in (False, True):
+        mol = Chem.RWMol(atoms_mol(numbers, positions))
+        for i, j in bonds.tolist():
+            mol.AddBond(i, j, Chem.BondType.SINGLE)
+        with RDKitLog():
+            try:
+                rdDetermineBonds.DetermineBondOrders(mol, charge=charge, allowChargedFragments=charged)
+                Chem.SanitizeMol(mol)
+            except Exception:  # no bond orders fit
+                continue
+        if not any(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms()):
+            if _plausible_charges(mol):
+                return CLOSED
+            verdict = CLOSED_WITH_CHARGED_CARBON
+    return verdict
+
+
+def _plausible_charges(mol: Chem.Mol) -> bool:
+    """Formal charges that closed-shell molecules carry: on any atom but hydrogen (a bare proton) and
+    carbon, where only a terminal C- (isocyanides, CO) is. In QM9, 473 of 130,831 molecules close only
+    with charges (zwitterions and nitro groups 411, isocyanides 37, CO-like, azides and ozone-like 21,
+    mesoionic rings and carbanions 45); a methyl group that lost two hydrogens closes as an ylide."""
+    for atom in mol.GetAtoms():
+        q, z = atom.GetFormalCharge(), atom.GetAtomicNum()
+        if q and (z == 1 or (z == 6 and (q != -1 or atom.GetDegree() != 1))):
             return False
-    return not any(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms())
+    return True
 
 
 def _declared(molecule: Molecule) -> str:

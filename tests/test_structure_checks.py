@@ -166,3 +166,35 @@ def _bonded(molecule: Molecule, i: int, j: int) -> bool:
 
 def _hydrogens_on(molecule: Molecule, i: int) -> int:
     return sum(_bonded(molecule, i, j) and molecule.numbers[j] == 1 for j in range(len(molecule.numbers)))
+
+
+def test_a_charge_that_is_not_a_whole_number_and_an_open_shell_multiplicity_are_flagged() -> None:
+    water = _molecule(WATER)
+    assert structure_warnings(replace(water, properties={"charge": "0.5"})) == [
+        "charge='0.5' is not a whole number"
+    ]
+    assert structure_warnings(replace(water, properties={"charge": "-1e-4"})) == []  # summed partial charges
+    (triplet,) = structure_warnings(replace(water, properties={"multiplicity": "3"}))
+    assert triplet.startswith("multiplicity 3 declared: an open shell")
+    assert structure_warnings(replace(water, properties={"Multiplicity": "1"})) == []
+
+
+def test_isotopes_are_flagged_from_rdkit_labels_and_ase_masses() -> None:
+    import ase
+    from rdkit import Chem
+
+    from se3tcli.io.objects import molecules_from_objects
+
+    heavy_water = ase.Atoms("OH2", positions=[a[1:] for a in WATER])
+    heavy_water.set_masses([16.0, 2.014, 2.014])
+    hydronium = ase.Atoms("OH3", positions=[(0, 0, 0), (0.97, 0, 0), (-0.32, 0.92, 0), (-0.32, -0.4, 0.83)])
+    hydronium.set_initial_charges([1, 0, 0, 0])
+    deuterated = Chem.AddHs(Chem.MolFromSmiles("CO"))
+    for atom in deuterated.GetAtoms():
+        atom.SetIsotope(2 if atom.GetAtomicNum() == 1 else 0)
+    rows = list(molecules_from_objects([heavy_water, "[13CH3]O", deuterated, hydronium]))
+    warnings = [" ".join([row.message, *structure_warnings(row)]).strip() for row in rows]  # reader's too
+    assert "isotopes ignored (2H x2)" in warnings[0]
+    assert "isotopes ignored (13C x1)" in warnings[1]
+    assert "isotopes ignored (2H x4)" in warnings[2]
+    assert warnings[3] == "net charge +1; the model was trained on neutral molecules"  # no odd electron count

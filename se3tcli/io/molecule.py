@@ -137,6 +137,15 @@ def size_limit_reason(n_atoms: int, max_atoms: int) -> str:
     return f"{n_atoms} atoms, more than the limit of {max_atoms} (--max-atoms-per-molecule)"
 
 
+def isotope_warning(labels: Sequence[str]) -> str:
+    """The warning of atoms given as isotopes (``labels`` such as ``2H``, one per such atom)."""
+    counts = ", ".join(f"{label} x{n}" for label, n in Counter(labels).items())
+    return (
+        f"isotopes ignored ({counts}): predicted for the common isotopes, while ZPVE, Cv, U, H and G "
+        "depend on the masses"
+    )
+
+
 def reason(exc: BaseException) -> str:
     """An exception as a one-line reason of at most ``_MAX_REASON_CHARS`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__

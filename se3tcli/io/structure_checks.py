@@ -1,7 +1,8 @@
 """Warnings about a structure's chemistry, judged from its atoms and coordinates: bonds far shorter than
 covalent radii allow, atoms bonded to more neighbours than their valence allows, several disconnected
-fragments, carbon compounds without hydrogens, and (in atoms-only input such as XYZ, where charges are
-unknown) an odd number of electrons. Each is a reason the prediction may be far off; none stops it.
+fragments, carbon compounds without hydrogens, isotope labels, a declared open-shell multiplicity, and
+(in atoms-only input such as XYZ, where charges are unknown) an odd number of electrons or valences that
+do not close. Each is a reason the prediction may be far off; none stops it.
 
 Thresholds were set on 30,000 QM9 molecules (2026-12-01): no pair of their atoms is closer than 0.78 of
 the sum of its covalent radii (triple bonds), and with bonds up to 1.2x that sum every one is a single
@@ -21,7 +22,7 @@ from rdkit.Chem import rdDetermineBonds
 from se3tcli.elements import symbol
 from se3tcli.graph import radius_graph
 from se3tcli.io.bonds import MAX_ATOMS_BOND_PERCEPTION, atoms_mol
-from se3tcli.io.molecule import Molecule
+from se3tcli.io.molecule import Molecule, isotope_warning
 from se3tcli.io.rdkit_tools import RDKitLog
 
 SHORT_BOND_FACTOR = 0.7  # a pair closer than this times its covalent radii sum is unphysical
@@ -71,7 +72,17 @@ def structure_warnings(molecule: Molecule) -> list[str]:
     even = charge is not None and (int(numbers.sum()) - charge) % 2 == 0  # else the electrons say it
     if molecule.rdkit_mol is None and even and not over_bonded:  # RDKit molecules had their valences checked
         reasons += _closure_warnings(numbers, positions, pairs, ratio, charge)
-    return reasons + _electron_warnings(molecule)
+    return reasons + _electron_warnings(molecule) + _isotope_warnings(molecule)
+
+
+def _isotope_warnings(molecule: Molecule) -> list[str]:
+    """Isotope labels of an RDKit molecule (SDF ``M  ISO``, SMILES ``[2H]``); ASE masses are judged where
+    the atoms are read."""
+    if molecule.rdkit_mol is None:
+        return []
+    atoms = molecule.rdkit_mol.GetAtoms()
+    labels = [f"{atom.GetIsotope()}{atom.GetSymbol()}" for atom in atoms if atom.GetIsotope()]
+    return [isotope_warning(labels)] if labels else []
 
 
 def _closure_warnings(
@@ -138,17 +149,27 @@ def _plausible_charges(mol: Chem.Mol) -> bool:
     return True
 
 
-def _declared(molecule: Molecule) -> str:
-    return next((v for k, v in molecule.properties.items() if k.lower() == "charge"), "0")
+MULTIPLICITY_KEYS = ("multiplicity", "mult", "spin_multiplicity")  # 2S + 1, as extXYZ files declare it
+
+
+def _declared(molecule: Molecule, keys: tuple[str, ...] = ("charge",), default: str = "0") -> str:
+    return next((v for k, v in molecule.properties.items() if k.lower() in keys), default)
+
+
+def _whole_number(text: str) -> int | None:
+    """``text`` as an integer where it is a whole number (within 0.01: sums of partial charges), else
+    None."""
+    try:
+        value = float(text)
+        return round(value) if abs(value - round(value)) <= 0.01 else None
+    except (ValueError, OverflowError):
+        return None
 
 
 def _charge(molecule: Molecule) -> int | None:
     """The net charge an atoms-only record declares (extXYZ ``charge=``; 0 without one; None when it is
-    not a number)."""
-    try:
-        return int(float(_declared(molecule)))
-    except (ValueError, OverflowError):
-        return None
+    not a whole number)."""
+    return _whole_number(_declared(molecule))
 
 
 def _valence_warnings(numbers: np.ndarray, bonded: np.ndarray) -> list[str]:
@@ -180,12 +201,17 @@ def _electron_warnings(molecule: Molecule) -> list[str]:
     else:
         charge = _charge(molecule)
         if charge is None:
-            return [f"charge={_declared(molecule)!r} is not a number"]
+            return [f"charge={_declared(molecule)!r} is not a whole number"]
         odd = (int(molecule.numbers.sum()) - charge) % 2  # atomic numbers less the charge: the electrons
         unpaired = "an odd number of electrons" + ("" if charge else " (a hydrogen missing?)") if odd else ""
+        multiplicity = _declared(molecule, MULTIPLICITY_KEYS, "1")
+        if not unpaired and _whole_number(multiplicity) != 1:
+            unpaired = f"multiplicity {multiplicity} declared"
     warnings = [f"net charge {charge:+d}; the model was trained on neutral molecules"] if charge else []
     if unpaired:
-        warnings.append(f"{unpaired}: a radical, while the model was trained on closed shells")
+        warnings.append(
+            f"{unpaired}: an open shell (a radical), while the model was trained on closed shells"
+        )
     return warnings
 
 

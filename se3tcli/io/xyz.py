@@ -22,10 +22,10 @@ from typing import IO
 
 import ase.io
 import numpy as np
-from ase.data import chemical_symbols
+from ase.data import atomic_masses, chemical_symbols
 
 from se3tcli.io.filereader import FileReader, open_text, text_lines
-from se3tcli.io.molecule import Molecule, Record, guarded, reason
+from se3tcli.io.molecule import Molecule, Record, guarded, isotope_warning, reason
 
 _EOF = object()  # end-of-file marker for next(lines, _EOF)
 # An atom count; one with a decimal point ("3.0", group 2) still frames its lines, but is an error.
@@ -220,7 +220,23 @@ def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_i
     warnings = (
         ["periodic boundary conditions ignored: predicted as an isolated molecule"] if any(atoms.pbc) else []
     )
+    warnings += _isotope_masses(atoms, numbers)
+    if atoms.has("initial_charges") and not any(k.lower() == "charge" for k in properties):
+        total = float(np.sum(atoms.get_initial_charges()))  # per-atom charges: their sum is the net charge
+        if total:
+            properties["charge"] = f"{total:g}"
     return record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols(), warnings)
+
+
+def _isotope_masses(atoms: ase.Atoms, numbers: np.ndarray) -> list[str]:
+    """The isotope warning of atoms whose masses were set (ASE ``masses``) to another isotope's."""
+    if not atoms.has("masses") or not len(numbers) or numbers.max() >= len(atomic_masses):
+        return []
+    masses = atoms.get_masses()  # [n_atoms] u
+    other = np.flatnonzero(np.abs(masses - atomic_masses[numbers]) > 0.5)
+    if not len(other):
+        return []
+    return [isotope_warning([f"{round(masses[i])}{chemical_symbols[numbers[i]]}" for i in other])]
 
 
 def _info_text(value: object) -> str:

@@ -25,6 +25,9 @@ from se3tcli import __version__
 from se3tcli.notices import NOTICES
 from se3tcli.train.options import TrainOptions
 
+if typing.TYPE_CHECKING:
+    from se3tcli.predict import WriteSummary
+
 app = typer.Typer(
     name="se3t",
     help="Molecular property prediction with an SE(3)-Transformer.",
@@ -242,7 +245,7 @@ def predict(
             max_atoms=max_atoms_per_molecule,  # also before a conformer is generated
         )
         report_oom = functools.partial(err_console.print, style="yellow")
-        n_done, n_predicted = predict_to_file(
+        summary = predict_to_file(
             loaded,
             molecules,
             torch_device,
@@ -266,13 +269,27 @@ def predict(
         )
     for line in status_messages(shown):
         screen.print(line, highlight=False, soft_wrap=True)
-    if output and n_done > len(shown):
-        screen.print(f"(first {len(shown)} of {n_done} rows shown)", markup=False)
-    summary = f"{n_predicted} of {n_done} molecules predicted"
-    written = "standard output" if to_stdout else output
-    screen.print(summary + (f"; written to {written}" if output else ""), markup=False)
-    if n_predicted == 0:
+    if output and summary.rows > len(shown):
+        screen.print(f"(first {len(shown)} of {summary.rows} rows shown)", markup=False)
+    screen.print(_write_summary(summary, output, to_stdout), markup=False)
+    if summary.predicted == 0:
         raise typer.Exit(1)
+
+
+def _write_summary(summary: WriteSummary, output: Path | None, to_stdout: bool) -> str:
+    """The last line of ``se3t predict``: how many molecules were predicted, and where they went."""
+    text = f"{summary.predicted} of {summary.rows} molecules predicted"
+    if output is None:
+        return text
+    if summary.kept_existing:
+        return text + f"; {output} left as it was (nothing to replace it with)"
+    text += f"; written to {'standard output' if to_stdout else output}"
+    if summary.not_written:
+        text += (
+            f" ({summary.not_written} error rows without atoms or coordinates left out: SD records need "
+            "them; CSV and JSON keep every row)"
+        )
+    return text
 
 
 # ----------------------------------------------------------------------------- train

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +25,7 @@ from se3tcli.graph import collate
 from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule, PredictionWriter
 from se3tcli.io.molecule import size_limit_reason
 from se3tcli.io.structure_checks import structure_warnings
+from se3tcli.io.writer import STDOUT
 from se3tcli.model.heads import MU_VECTOR
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.prefetch import prefetch
@@ -244,6 +246,16 @@ def output_units(loaded: LoadedModel, targets: tuple[str, ...]) -> dict[str, str
     return units
 
 
+class WriteSummary(NamedTuple):
+    """What :func:`predict_to_file` did: rows read, rows predicted, rows the output format could not
+    hold, and whether an existing output was kept because nothing was predicted."""
+
+    rows: int
+    predicted: int
+    not_written: int = 0
+    kept_existing: bool = False
+
+
 def predict_to_file(
     loaded: LoadedModel,
     molecules: Iterable[Molecule],
@@ -255,12 +267,13 @@ def predict_to_file(
     on_oom: Callable[[str], None] | None = None,
     output_format: str | None = None,
     max_atoms_per_molecule: int | None = MAX_ATOMS_PER_MOLECULE,
-) -> tuple[int, int]:
+) -> WriteSummary:
     """:func:`predict_stream` with every row also written to ``output`` (if given; ``-`` is standard
-    output in ``output_format``) and passed to
-    ``on_row``; the file appears complete when all rows are in, and not at all if anything fails or the
-    run is interrupted. Returns ``(rows, rows predicted)``."""
+    output in ``output_format``) and passed to ``on_row``; the file appears complete when all rows are
+    in, and not at all if anything fails or the run is interrupted. An existing file is replaced only
+    when at least one molecule was predicted (error rows alone are not worth more than it)."""
     n_rows = n_predicted = 0
+    existed = output is not None and str(output) != STDOUT and Path(output).exists()
     units = output_units(loaded, targets)
     writer = PredictionWriter(output, tuple(units), units, output_format) if output else None
     with writer or contextlib.nullcontext():
@@ -271,4 +284,7 @@ def predict_to_file(
             n_rows += 1
             n_predicted += values is not None
             on_row(molecule, values)
-    return n_rows, n_predicted
+        kept = existed and n_predicted == 0
+        if kept:
+            writer.abort()
+    return WriteSummary(n_rows, n_predicted, writer.skipped if writer else 0, kept)

@@ -225,6 +225,23 @@ def test_only_bad_records_exit_1(tmp_path, tiny_checkpoint, samples) -> None:
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["error", "error"] and all(r["message"] for r in rows)
 
+    # An existing output is worth more than error rows: with nothing predicted, --overwrite keeps it.
+    out.write_text("earlier predictions\n")
+    result = _invoke("predict", only_bad, "--model", tiny_checkpoint, "-o", out, "--overwrite")
+    assert result.exit_code == 1 and out.read_text() == "earlier predictions\n"
+    assert f"{out} left as it was (nothing to replace it with)" in _flat(result.stdout)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_sdf_output_says_which_rows_it_cannot_hold(tmp_path, tiny_checkpoint, samples) -> None:
+    out = tmp_path / "with_errors.sdf"
+    result = _invoke(
+        "predict", samples / "bad.sdf", "--smiles", "C1CC", "--model", tiny_checkpoint, "-o", out
+    )
+    assert result.exit_code == 0, result.output
+    assert "(1 error rows without atoms or coordinates left out: SD records need them" in _flat(result.stdout)
+    assert out.read_text().count("$$$$") == 4  # bad.sdf's four records; the unparsable SMILES has no atoms
+
 
 @pytest.mark.parametrize(
     ("args", "fragment"),

@@ -100,16 +100,19 @@ class SdfFormat:
     ``<tag>_input``; in se3t's own output read back (records with a status tag) such tags are the earlier
     run's predictions, which the new ones replace (its ``_input`` tags stay as they are).
 
-    Rows without atoms or without finite coordinates cannot be written as SD records and are skipped.
+    Rows without atoms or without finite coordinates cannot be written as SD records and are skipped
+    (counted in ``skipped``).
     """
 
     def __init__(self, handle: IO[str], quantities: tuple[str, ...], units: dict[str, str]):
         self._handle = handle
         self._tags = {q: column_name(q, units[q]) for q in quantities}
         self._tag_names = set(self._tags.values())
+        self.skipped = 0
 
     def write(self, molecule: Molecule, values: dict[str, float | None]) -> None:
         if not _has_coordinates(molecule):
+            self.skipped += 1
             return
         if molecule.rdkit_mol is not None:
             mol = Chem.Mol(molecule.rdkit_mol)

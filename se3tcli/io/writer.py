@@ -115,6 +115,11 @@ class PredictionWriter:
         except OSError as exc:  # e.g. a full disk
             raise with_filename(exc, self.path) from exc
 
+    @property
+    def skipped(self) -> int:
+        """Rows the format could not hold (SD records need atoms with coordinates; CSV and JSON keep all)."""
+        return getattr(self._format, "skipped", 0)
+
     def close(self) -> None:
         """Finish the file and move it into place (atomically replacing an existing one)."""
         if self._closed:

@@ -347,6 +347,19 @@ def test_smiles_file_header_comments_and_errors(tmp_path):
     assert np.linalg.norm(rows[2].positions[0] - rows[2].positions[1]) > 2.0
 
 
+def test_an_xyz_or_binary_file_named_smi_gives_error_rows_not_predictions(tmp_path):
+    """XYZ atom lines would read as the SMILES ``C`` named by its coordinates, binary bytes as stray
+    atoms: each such line is an error row naming what it looks like."""
+    path = tmp_path / "misnamed.smi"
+    path.write_bytes(
+        b"3\nwater\nO 0.0 0.0 0.0\nH 0.96 0.0 0.0\nH -0.24 0.93 0.0\nP\x00\x07\x1b junk\nCCO ethanol\n"
+    )
+    rows = _read(path)
+    assert [m.status for m in rows] == [STATUS_ERROR] * 6 + [STATUS_WARNING]
+    assert all("as in an XYZ file" in m.message for m in rows[2:5])
+    assert "binary data" in rows[5].message and rows[6].name == "ethanol"
+
+
 # ---------------------------------------------------------------------------------- robustness, inputs
 
 

@@ -39,8 +39,27 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
         smiles, name = _split_line(text)
         if index == 0 and smiles.lower() in _HEADER_WORDS:
             continue
-        yield guarded(_from_smiles, record, smiles, name, seed)
+        problem = _not_a_smiles_line(text, name)
+        yield record.error(problem) if problem else guarded(_from_smiles, record, smiles, name, seed)
         index += 1
+
+
+def _not_a_smiles_line(text: str, name: str) -> str | None:
+    """Why a line of a SMILES file is something else (binary data, an XYZ atom line), or None."""
+    if any(ord(c) < 32 and c != "\t" for c in text):
+        return "control characters: binary data, not a line of SMILES"
+    coordinates = name.split()
+    if len(coordinates) == 3 and all(_is_number(x) for x in coordinates):
+        return "an element and three coordinates, as in an XYZ file, not a SMILES and its name"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 SMILES_READER = FileReader(open=open_text, rows=_rows)

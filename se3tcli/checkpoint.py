@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
@@ -139,7 +140,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles: the error below says it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever a corrupt or hostile file makes the restricted unpickler raise
         raise CheckpointError(f"{path}: not a loadable se3t checkpoint ({_short_reason(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,16 @@ def test_cli_refuses_bad_checkpoint(kind: str, tmp_path: Path, tiny_checkpoint: 
     assert len(lines) == 1 and lines[0].startswith("error:") and path.name in lines[0]
     assert "Traceback" not in result.output and result.stdout == ""
     assert not (tmp_path / "marker").exists()
+
+
+def test_a_foreign_pickle_is_refused_without_torch_warnings(tmp_path: Path) -> None:
+    """torch warns about pickle protocols it does not write; the one-line error says all there is."""
+    path = _bad_file("code_pickle_raw", tmp_path, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="not a loadable se3t checkpoint"):
+            read_checkpoint(path)
+    assert [str(w.message) for w in caught] == [] and not (tmp_path / "marker").exists()
 
 
 def test_code_pickle_is_really_dangerous(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,8 +150,8 @@ def _check_options(batch_size: int, workers: int, conformer_timeout: float) -> N
 
 def _single(inputs: object) -> bool:
     """Whether ``inputs`` is one molecule (or file), not a collection of them: ASE Atoms and arrays are
-    iterable, but are one molecule each."""
-    one = (str, bytes, os.PathLike, Chem.Mol, ase.Atoms, np.ndarray)
+    iterable, but are one molecule each; a mapping is one object too (its keys are not molecules)."""
+    one = (str, bytes, os.PathLike, Chem.Mol, ase.Atoms, np.ndarray, Mapping)
     return isinstance(inputs, one) or not isinstance(inputs, Iterable)
 
 

@@ -201,8 +201,9 @@ def predict(
         str | None, typer.Option("--format", help="What standard input (-) holds: sdf, xyz or smi.")
     ] = None,
     output_format: Annotated[
-        str, typer.Option("--output-format", help="With -o - (standard output): csv, json or sdf.")
-    ] = "csv",
+        str | None,
+        typer.Option("--output-format", help="With -o - (standard output): csv (default), json or sdf."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Predict properties of the molecules in INPUTS (and --smiles) with a trained model. An input or an
@@ -219,6 +220,8 @@ def predict(
     inputs = [STDIN if str(path) == STDIN else path for path in inputs]
     check_inputs(inputs, input_format)
     to_stdout = output is not None and str(output) == STDOUT
+    if output_format is not None and not to_stdout:
+        raise UsageError("--output-format is for -o - (standard output); a file's suffix sets its format")
     screen = err_console if to_stdout else console  # standard output carries the predictions then
     if output:
         check_output(output, inputs, overwrite)

@@ -4,6 +4,7 @@ ASE calculator, and the README's example."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -148,6 +149,17 @@ def test_one_molecule_alone_and_paths_that_are_not_files(tiny_checkpoint: Path, 
     missing, folder, as_path = model.predict([str(tmp_path / "mols.sdf"), str(tmp_path), tmp_path / "x.xyz"])
     assert missing.message.endswith("no such file") and missing.source.endswith("mols.sdf")
     assert folder.status == "error" and as_path.message.endswith("no such file")
+    fifo = tmp_path / "pipe.smi"
+    os.mkfifo(fifo)
+    pipe, directory = model.predict([fifo, tmp_path])
+    assert pipe.message.endswith("not a regular file (a pipe or a device?)")
+    assert directory.message.endswith("is a directory, not a file")
+    (mapping,) = model.predict({"smiles": "CCO"})  # one object, not its keys
+    assert mapping.status == "error" and "cannot predict a dict" in mapping.message
+    (query,) = model.predict(Chem.MolFromSmarts("[#6]-[#8]"))
+    assert query.status == "error" and query.message.endswith(
+        "a query molecule (a SMARTS pattern), not a structure"
+    )
     frame = model.predict_frame([], targets="homo")
     columns = ["name", "source", "record", "formula", "smiles", "status", "message", "homo_eV"]
     assert list(frame.columns) == columns

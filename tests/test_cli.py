@@ -252,15 +252,22 @@ def test_sdf_output_says_which_rows_it_cannot_hold(tmp_path, tiny_checkpoint, sa
         (["SAMPLE", "--targets", "homo,bogus"], "unknown target 'bogus'"),
         (["SAMPLE", "--device", "tpu"], "unknown device"),
         (["SAMPLE", "-o", "predictions.txt"], "unsupported output format"),
+        (["SAMPLE", "-o", "a_folder"], "output path is a directory: a_folder"),
+        (
+            ["SAMPLE", "-o", "p.csv", "--output-format", "sdf"],
+            "--output-format is for -o - (standard output)",
+        ),
     ],
 )
 def test_predict_usage_errors(args, fragment, tmp_path, tiny_checkpoint, sample_sdf, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("unsupported.pdf").write_text("%PDF-1.4\n")
+    Path("a_folder").mkdir()
     args = [str(sample_sdf) if a == "SAMPLE" else a for a in args]
     line = _one_line_error(_invoke("predict", *args, "--model", tiny_checkpoint))
     assert fragment in line
-    assert list(tmp_path.iterdir()) == [tmp_path / "unsupported.pdf"]  # no output file, no temp file
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "a_folder", tmp_path / "unsupported.pdf"]  # no output
+    assert list((tmp_path / "a_folder").iterdir()) == []
 
 
 def test_predict_without_any_model_says_how_to_get_one(sample_sdf, monkeypatch) -> None:

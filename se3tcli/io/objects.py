@@ -74,10 +74,12 @@ def _rdkit_rows(mol: Chem.Mol, record: Record, embed: bool, seed: int) -> Iterat
 
 def _file_rows(path: Path, embed: bool, seed: int) -> Iterator[Row]:
     reader = reader_of(path)
-    if reader is None:
-        yield Record(str(path), 0).error("unsupported file format")
-    elif path.is_dir():
+    if path.is_dir():
         yield Record(str(path), 0).error("is a directory, not a file")
+    elif reader is None:
+        yield Record(str(path), 0).error("unsupported file format")
+    elif path.exists() and not path.is_file():
+        yield Record(str(path), 0).error("not a regular file (a pipe or a device?)")
     elif not path.is_file():
         yield Record(str(path), 0).error("no such file")
     else:

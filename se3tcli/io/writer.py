@@ -42,6 +42,8 @@ def check_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool
     target = Path(path)
     if str(path) == STDOUT or not target.exists():
         return
+    if target.is_dir():
+        raise InputError(f"output path is a directory: {path}")
     for source in inputs:
         with contextlib.suppress(OSError):
             if os.path.samefile(source, target):

@@ -3,6 +3,7 @@ sample QM9 molecules flagged."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,3 +199,19 @@ def test_isotopes_are_flagged_from_rdkit_labels_and_ase_masses() -> None:
     assert "isotopes ignored (13C x1)" in warnings[1]
     assert "isotopes ignored (2H x4)" in warnings[2]
     assert warnings[3] == "net charge +1; the model was trained on neutral molecules"  # no odd electron count
+
+
+@pytest.mark.parametrize(("scale", "flagged"), [(1.0, False), (0.9, True), (0.97, False), (1.12, True)])
+def test_bonds_to_hydrogen_outside_optimised_lengths_are_flagged(scale: float, flagged: bool) -> None:
+    """Every bond 10 % short (O-H 0.86 Å), or 12 % long, is no optimised geometry; 3 % is within the margin
+    left for other levels of theory."""
+    water = _molecule([(s, scale * x, scale * y, scale * z) for s, x, y, z in WATER])
+    warnings = structure_warnings(water)
+    assert bool(warnings) == flagged
+    if flagged:
+        (warning,) = warnings
+        assert re.fullmatch(
+            r"O-H bond of [01]\.\d{3} Å between atoms 1 and [23] \(and 1 more such bond\), outside the "
+            r"0\.93-1\.05 Å of optimised geometries: a scaled, distorted or X-ray geometry\?",
+            warning,
+        )

@@ -224,3 +224,28 @@ def test_a_molecule_over_the_atom_limit_is_an_error_before_its_conformer(monkeyp
     monkeypatch.setattr(conformer_pool, "embed_binary", never)
     (row,) = read_molecules(smiles=["C" * 400 + " polyethylene"], workers=1, max_atoms=100)
     assert row.message == "<smiles> record 1 (polyethylene): " + size_limit_reason(1202, 100)
+
+
+def _signal_masks(pid: int) -> dict[str, int]:
+    """The SigBlk and SigIgn masks of a process, from /proc (bit n - 1 is signal n)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(v, 16) for k, v in (line.split(":\t") for line in lines) if k in ("SigBlk", "SigIgn")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
+def test_workers_are_forked_with_ctrl_c_blocked_and_then_ignore_it() -> None:
+    """A Ctrl-C in the instant a worker starts must not kill it with a traceback: the forkserver blocks
+    SIGINT, and a worker ignores it before unblocking it."""
+    context = conformer_pool._context()
+    if context.get_start_method() != "forkserver":
+        pytest.skip("no forkserver on this platform")
+    worker = conformer_pool._Worker(context)
+    try:
+        assert worker.conn.recv() == "ready"
+        sigint = 1 << (signal.SIGINT - 1)
+        masks = _signal_masks(worker.process.pid)
+        assert masks["SigIgn"] & sigint and not masks["SigBlk"] & sigint
+        server = int(Path(f"/proc/{worker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert _signal_masks(server)["SigBlk"] & sigint  # the forkserver, the worker's parent
+    finally:
+        worker.stop()

@@ -101,7 +101,8 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["__main__", __name__])  # (no effect once the server runs)
+    # (No effect once the server runs.) worker_signals blocks Ctrl-C in the server: see _serve.
+    context.set_forkserver_preload(["__main__", __name__, "se3tcli.io.worker_signals"])
     return context
 
 
@@ -192,6 +193,7 @@ def _died(exit_code: int | None) -> str:
 def _serve(conn: Connection) -> None:
     """A worker process: embed the molecules the parent sends, one at a time, until it closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops the workers
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one held since the fork is now ignored
     try:
         conn.send(_READY)
         while True:

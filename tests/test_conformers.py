@@ -233,19 +233,26 @@ def _signal_masks(pid: int) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads signal masks from /proc")
-def test_workers_are_forked_with_ctrl_c_blocked_and_then_ignore_it() -> None:
-    """A Ctrl-C in the instant a worker starts must not kill it with a traceback: the forkserver blocks
-    SIGINT, and a worker ignores it before unblocking it."""
+def test_workers_start_with_ctrl_c_ignored_and_other_forkserver_children_keep_it() -> None:
+    """A Ctrl-C in the instant a worker starts must not kill it with a traceback: the forkserver's children
+    start with SIGINT ignored; every child but se3t's workers gets Ctrl-C back, and se3t's process keeps
+    its own handler."""
     context = conformer_pool._context()
     if context.get_start_method() != "forkserver":
         pytest.skip("no forkserver on this platform")
+    sigint = 1 << (signal.SIGINT - 1)
     worker = conformer_pool._Worker(context)
+    other = context.Process(target=time.sleep, args=(30,), name="someone-else", daemon=True)
     try:
         assert worker.conn.recv() == "ready"
-        sigint = 1 << (signal.SIGINT - 1)
-        masks = _signal_masks(worker.process.pid)
-        assert masks["SigIgn"] & sigint and not masks["SigBlk"] & sigint
-        server = int(Path(f"/proc/{worker.process.pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        assert _signal_masks(server)["SigBlk"] & sigint  # the forkserver, the worker's parent
+        assert _signal_masks(worker.process.pid)["SigIgn"] & sigint
+        other.start()
+        deadline = time.monotonic() + 20
+        while _signal_masks(other.pid)["SigIgn"] & sigint and time.monotonic() < deadline:
+            time.sleep(0.02)  # ignored from the fork until multiprocessing runs the child's after-fork hooks
+        assert not _signal_masks(other.pid)["SigIgn"] & sigint
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process: unchanged
     finally:
         worker.stop()
+        other.kill()
+        other.join()

@@ -352,12 +352,14 @@ def test_an_xyz_or_binary_file_named_smi_gives_error_rows_not_predictions(tmp_pa
     atoms: each such line is an error row naming what it looks like."""
     path = tmp_path / "misnamed.smi"
     path.write_bytes(
-        b"3\nwater\nO 0.0 0.0 0.0\nH 0.96 0.0 0.0\nH -0.24 0.93 0.0\nP\x00\x07\x1b junk\nCCO ethanol\n"
+        b"3\nwater\nO 0.0 0.0 0.0\nH 0.96 0.0 0.0\nC\t-0.01\t1.08\t0.008\t-0.53\nP\x00\x07\x1b junk\n"
+        b"CCO ethanol\nCC(=O)O\t-0.31\t46.07\t20.23\n"  # a SMILES and three numbers: a table of properties
     )
     rows = _read(path)
-    assert [m.status for m in rows] == [STATUS_ERROR] * 6 + [STATUS_WARNING]
-    assert all("as in an XYZ file" in m.message for m in rows[2:5])
+    assert [m.status for m in rows] == [STATUS_ERROR] * 6 + [STATUS_WARNING] * 2
+    assert all("as in an XYZ file" in m.message for m in rows[2:5])  # QM9's five columns too
     assert "binary data" in rows[5].message and rows[6].name == "ethanol"
+    assert rows[7].name.split() == ["-0.31", "46.07", "20.23"] and rows[7].formula == "C2H4O2"
 
 
 # ---------------------------------------------------------------------------------- robustness, inputs

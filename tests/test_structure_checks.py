@@ -215,3 +215,25 @@ def test_bonds_to_hydrogen_outside_optimised_lengths_are_flagged(scale: float, f
             r"0\.93-1\.05 Å of optimised geometries: a scaled, distorted or X-ray geometry\?",
             warning,
         )
+
+
+def test_common_isotopes_written_out_singlets_partial_charges_and_declared_ions_are_not_flagged() -> None:
+    import ase
+    from rdkit import Chem
+
+    from se3tcli.io.objects import molecules_from_objects
+
+    water = _molecule(WATER)
+    assert structure_warnings(replace(water, properties={"mult": "singlet"})) == []
+    (triplet,) = structure_warnings(replace(water, properties={"multiplicity": "Triplet"}))
+    assert triplet.startswith("multiplicity 3 declared")
+    partial = ase.Atoms("OH2", positions=[a[1:] for a in WATER])
+    partial.set_initial_charges([-0.83, 0.42, 0.43])  # Mulliken-like, rounded: they sum to 0.02
+    labelled = Chem.AddHs(Chem.MolFromSmiles("[12CH3][16OH]"))
+    for atom in labelled.GetAtoms():
+        atom.SetIsotope(1 if atom.GetAtomicNum() == 1 else atom.GetIsotope())  # 1H, 12C, 16O: the usual
+    rows = list(molecules_from_objects([partial, labelled]))
+    assert [structure_warnings(row) for row in rows] == [[], []] and rows[0].message == ""
+    methyl_cation = _atoms_only("[CH3+]")  # a declared ion's charge may sit on carbon
+    declared = structure_warnings(replace(methyl_cation, properties={"charge": "1"}))
+    assert declared == ["net charge +1; the model was trained on neutral molecules"]

@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 
 from se3tcli.io.conformers import DEFAULT_TIMEOUT_S, PendingConformer, embed_binary, time_limit_reason
 from se3tcli.io.molecule import Molecule, size_limit_reason
+from se3tcli.io.worker_signals import WORKER_NAME
 
 AHEAD_PER_WORKER = 8  # rows read ahead of the oldest unfinished one, per worker
 MAX_DEFAULT_WORKERS = 4
@@ -72,7 +73,7 @@ class _Worker:
 
     def __init__(self, context: multiprocessing.context.BaseContext):
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child,), name="se3t-conformers", daemon=True)
+        self.process = context.Process(target=_serve, args=(child,), name=WORKER_NAME, daemon=True)
         self.process.start()
         child.close()  # so that the worker's death reads as end of file here
         self.ready = False
@@ -101,7 +102,7 @@ def _context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
-    # (No effect once the server runs.) worker_signals blocks Ctrl-C in the server: see _serve.
+    # (No effect once the server runs.) worker_signals: the workers start with Ctrl-C ignored.
     context.set_forkserver_preload(["__main__", __name__, "se3tcli.io.worker_signals"])
     return context
 
@@ -193,7 +194,6 @@ def _died(exit_code: int | None) -> str:
 def _serve(conn: Connection) -> None:
     """A worker process: embed the molecules the parent sends, one at a time, until it closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops the workers
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one held since the fork is now ignored
     try:
         conn.send(_READY)
         while True:

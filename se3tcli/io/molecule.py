@@ -33,6 +33,7 @@ class Molecule:
     message: str = ""  # reason for a warning/error, naming the file and the record
     rdkit_mol: Chem.Mol | None = None  # the RDKit molecule with its 3D conformer, when there is one
     smiles: str = ""  # the SMILES string as given, for molecules read from SMILES
+    net_charge: int | None = None  # stated outside the properties: ASE per-atom charges summed
 
     @property
     def record(self) -> int:

@@ -62,6 +62,9 @@ def _rows(items: Iterable[object], embed: bool, seed: int) -> Iterator[Row]:
 def _rdkit_rows(mol: Chem.Mol, record: Record, embed: bool, seed: int) -> Iterator[Molecule]:
     """One row for a molecule with at most one conformer; else one per conformer, in the molecule's order,
     each named ``NAME#conf<id>`` (NAME: the molecule's ``_Name``, else the record's default name)."""
+    if not mol.GetNumConformers() and any(atom.HasQuery() for atom in mol.GetAtoms()):
+        yield record.error("a query molecule (a SMARTS pattern), not a structure")
+        return
     if mol.GetNumConformers() <= 1:
         yield guarded(molecule_from_rdkit, record, Chem.Mol(mol), embed, seed)
         return

@@ -128,8 +128,6 @@ def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -
         return record.error(why, name, numbers, positions, properties)
 
     problem = element_problem(numbers, symbols)
-    if not problem and any(atom.HasQuery() for atom in mol.GetAtoms()):
-        problem = "a query molecule (a SMARTS pattern), not a structure"
     if problem:
         return error(problem)
     try:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from functools import partial
 from typing import IO
 
+from ase.data import chemical_symbols
 from rdkit import Chem
 
 from se3tcli.io.conformer_pool import Row
@@ -39,18 +40,20 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
         smiles, name = _split_line(text)
         if index == 0 and smiles.lower() in _HEADER_WORDS:
             continue
-        problem = _not_a_smiles_line(text, name)
+        problem = _not_a_smiles_line(text, smiles, name)
         yield record.error(problem) if problem else guarded(_from_smiles, record, smiles, name, seed)
         index += 1
 
 
-def _not_a_smiles_line(text: str, name: str) -> str | None:
-    """Why a line of a SMILES file is something else (binary data, an XYZ atom line), or None."""
+def _not_a_smiles_line(text: str, smiles: str, name: str) -> str | None:
+    """Why a line of a SMILES file is something else (binary data, an XYZ atom line: an element symbol or
+    number, then three or more numbers), or None."""
     if any(ord(c) < 32 and c != "\t" for c in text):
         return "control characters: binary data, not a line of SMILES"
-    coordinates = name.split()
-    if len(coordinates) == 3 and all(_is_number(x) for x in coordinates):
-        return "an element and three coordinates, as in an XYZ file, not a SMILES and its name"
+    numbers = name.split()
+    element = smiles in chemical_symbols[1:] or smiles.isdigit()
+    if element and len(numbers) >= 3 and all(_is_number(x) for x in numbers):
+        return "an element and its coordinates, as in an XYZ file, not a SMILES and its name"
     return None
 
 

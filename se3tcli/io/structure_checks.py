@@ -87,8 +87,12 @@ def _isotope_warnings(molecule: Molecule) -> list[str]:
     the atoms are read."""
     if molecule.rdkit_mol is None:
         return []
-    atoms = molecule.rdkit_mol.GetAtoms()
-    labels = [f"{atom.GetIsotope()}{atom.GetSymbol()}" for atom in atoms if atom.GetIsotope()]
+    table = Chem.GetPeriodicTable()
+    labels = [
+        f"{atom.GetIsotope()}{atom.GetSymbol()}"
+        for atom in molecule.rdkit_mol.GetAtoms()
+        if atom.GetIsotope() not in (0, table.GetMostCommonIsotope(atom.GetAtomicNum()))
+    ]
     return [isotope_warning(labels)] if labels else []
 
 
@@ -138,7 +142,7 @@ def _closure(numbers: np.ndarray, positions: np.ndarray, bonds: np.ndarray, char
             except Exception:  # no bond orders fit
                 continue
         if not any(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms()):
-            if _plausible_charges(mol):
+            if charge or _plausible_charges(mol):  # a declared ion may well be a carbocation
                 return CLOSED
             verdict = CLOSED_WITH_CHARGED_CARBON
     return verdict
@@ -174,9 +178,20 @@ def _whole_number(text: str) -> int | None:
 
 
 def _charge(molecule: Molecule) -> int | None:
-    """The net charge an atoms-only record declares (extXYZ ``charge=``; 0 without one; None when it is
-    not a whole number)."""
-    return _whole_number(_declared(molecule))
+    """The net charge an atoms-only record declares (extXYZ ``charge=``, else ASE per-atom charges; 0
+    without either; None when ``charge=`` is not a whole number)."""
+    if any(k.lower() == "charge" for k in molecule.properties):
+        return _whole_number(_declared(molecule))
+    return molecule.net_charge or 0
+
+
+MULTIPLICITY_WORDS = {"singlet": 1, "doublet": 2, "triplet": 3, "quartet": 4, "quintet": 5}
+
+
+def _multiplicity(molecule: Molecule) -> int | None:
+    """The spin multiplicity a record declares (``multiplicity=3``, ``mult=triplet``), or None."""
+    text = _declared(molecule, MULTIPLICITY_KEYS, "")
+    return MULTIPLICITY_WORDS.get(text.strip().lower(), _whole_number(text))
 
 
 def _hydrogen_bond_warnings(numbers: np.ndarray, pairs: np.ndarray, distances: np.ndarray) -> list[str]:
@@ -240,8 +255,8 @@ def _electron_warnings(molecule: Molecule) -> list[str]:
             return [f"charge={_declared(molecule)!r} is not a whole number"]
         odd = (int(molecule.numbers.sum()) - charge) % 2  # atomic numbers less the charge: the electrons
         unpaired = "an odd number of electrons" + ("" if charge else " (a hydrogen missing?)") if odd else ""
-        multiplicity = _declared(molecule, MULTIPLICITY_KEYS, "1")
-        if not unpaired and _whole_number(multiplicity) != 1:
+        multiplicity = _multiplicity(molecule)
+        if not unpaired and multiplicity is not None and multiplicity > 1:
             unpaired = f"multiplicity {multiplicity} declared"
     warnings = [f"net charge {charge:+d}; the model was trained on neutral molecules"] if charge else []
     if unpaired:

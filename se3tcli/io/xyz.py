@@ -221,11 +221,17 @@ def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_i
         ["periodic boundary conditions ignored: predicted as an isolated molecule"] if any(atoms.pbc) else []
     )
     warnings += _isotope_masses(atoms, numbers)
-    if atoms.has("initial_charges") and not any(k.lower() == "charge" for k in properties):
-        total = float(np.sum(atoms.get_initial_charges()))  # per-atom charges: their sum is the net charge
-        if total:
-            properties["charge"] = f"{total:g}"
-    return record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols(), warnings)
+    row = record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols(), warnings)
+    return replace(row, net_charge=_summed_charge(atoms)) if row.ok else row
+
+
+def _summed_charge(atoms: ase.Atoms) -> int | None:
+    """The net charge ASE per-atom charges state (formal charges, as H3O+ given [1, 0, 0, 0]): their sum
+    where it is within 0.1 of a whole number; partial charges that sum to none state nothing."""
+    if not atoms.has("initial_charges"):
+        return None
+    total = float(np.sum(atoms.get_initial_charges()))
+    return round(total) if abs(total - round(total)) <= 0.1 else None
 
 
 def _isotope_masses(atoms: ase.Atoms, numbers: np.ndarray) -> list[str]:

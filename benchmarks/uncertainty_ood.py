@@ -24,6 +24,7 @@ from se3tcli.io import read_molecules
 from se3tcli.predict import low_confidence_thresholds
 from se3tcli.targets import TARGETS, sigma_key
 from se3tcli.train import labelled_for_checkpoint
+from se3tcli.train.sampling import heavy_atom_counts
 
 # Drugs and metabolites made of H, C, N, O, F only (10-33 heavy atoms), as SMILES.
 DRUG_LIKE = {
@@ -82,8 +83,7 @@ def main() -> int:
     for noise in (0.05, 0.1, 0.2):  # Å, Gaussian per coordinate
         moved = [(z, pos + rng.normal(0, noise, pos.shape)) for z, pos in originals]
         groups[f"QM9 test, atoms moved by N(0, {noise} Å)"] = (moved, None)
-    n_heavy = np.array([(data.molecule(i)[0] > 1).sum() for i in range(len(data))])
-    smallest = np.flatnonzero(n_heavy <= 3)
+    smallest = np.flatnonzero(heavy_atom_counts(data) <= 3)
     groups["QM9, 1-3 heavy atoms (all splits)"] = (
         [data.molecule(int(i)) for i in smallest],
         data.targets[smallest],

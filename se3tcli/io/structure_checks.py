@@ -206,8 +206,8 @@ def _hydrogen_bond_warnings(numbers: np.ndarray, pairs: np.ndarray, distances: n
     h, other, length = h[order], other[order], length[order]
     nearest = np.r_[True, h[1:] != h[:-1]] if len(h) else np.zeros(0, bool)
     h, other, length = h[nearest], other[nearest], length[nearest]  # [n_h] each hydrogen's nearest atom
-    low = np.array([HYDROGEN_BOND_LENGTHS.get(int(z), (0.0, np.inf))[0] for z in numbers[other]])
-    high = np.array([HYDROGEN_BOND_LENGTHS.get(int(z), (0.0, np.inf))[1] for z in numbers[other]])
+    limits = np.array([HYDROGEN_BOND_LENGTHS.get(int(z), (0.0, np.inf)) for z in numbers[other]])
+    low, high = limits.reshape(-1, 2).T  # [n_h] Å each; no limits for partners other than C, N, O
     outside = np.maximum(low - length, length - high)  # [n_h] Å beyond the range (> 0: out of it)
     bad = np.flatnonzero(outside > 0)
     if not len(bad):

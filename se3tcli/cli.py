@@ -124,11 +124,39 @@ def main(
     NOTICES.addHandler(_NOTICE_HANDLER)  # once: a handler already there is not added again
 
 
-def _sigterm_as_interrupt() -> None:
-    def handler(signum, frame):  # noqa: ARG001
+class _RememberedInterrupts:
+    """SIGINT and SIGTERM as KeyboardInterrupt, remembered. Python drops an exception raised while a
+    finaliser runs (``__del__``, a weakref callback, a generator closed by the garbage collector), so a
+    Ctrl-C landing there would be lost (and printed as a traceback) and the run would finish as if nothing
+    had happened; the row loop calls :meth:`raise_if_received` to raise it again, and the dropped one is not
+    printed. Installed for the block, restored after it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def _handler(self, signum: int, frame: object) -> None:  # noqa: ARG002
+        self.received.append(signum)
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    def raise_if_received(self) -> None:
+        if self.received:
+            raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._previous_hook(unraisable)
+
+    def __enter__(self) -> _RememberedInterrupts:
+        self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        sys.unraisablehook = self._previous_hook
 
 
 def _device(name: str):
@@ -228,12 +256,12 @@ def predict(
     torch_device = _device(device)
     loaded = load_model(model, torch_device)
     chosen = _targets(targets, loaded.targets)
-    _sigterm_as_interrupt()
     shown: list = []
-    with progress_bar(err_console, "molecules") as progress:
+    with _RememberedInterrupts() as interrupts, progress_bar(err_console, "molecules") as progress:
         task = progress.add_task("predicting", total=None)
 
         def on_row(molecule, values) -> None:
+            interrupts.raise_if_received()
             if output is None or len(shown) < PREVIEW_ROWS:
                 shown.append((replace(molecule, rdkit_mol=None), values))  # keep the table light
             progress.advance(task)

@@ -322,6 +322,23 @@ def test_interrupted_predict_leaves_no_partial_file(tmp_path, tiny_model):
     assert not list(tmp_path.glob(".out.csv*"))
 
 
+def test_a_ctrl_c_swallowed_by_a_finaliser_still_stops_predict(monkeypatch):
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here, and Python drops its KeyboardInterrupt
+
+    printed = []  # what Python would print as "Exception ignored in ..."
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    before = signal.getsignal(signal.SIGINT)
+    with cli._RememberedInterrupts() as interrupts:
+        Finaliser()  # dropped at once: nothing is raised here
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.raise_if_received()  # what predict's row loop calls
+    assert signal.getsignal(signal.SIGINT) is before
+    assert not printed
+
+
 @pytest.mark.slow
 def test_interrupted_train_saves_last_and_resumes(tmp_path):
     run = tmp_path / "run"

@@ -7,7 +7,7 @@ import numpy as np
 from rdkit import Chem
 from rdkit.Chem import rdDetermineBonds
 
-from se3tcli.io.rdkit_tools import RDKitLog
+from se3tcli.io.rdkit_tools import RDKitLog, sanitize
 
 # Larger atoms-only molecules get no perceived bonds (bond orders scale badly with size).
 MAX_ATOMS_BOND_PERCEPTION = 500
@@ -39,7 +39,9 @@ def perceive_bonds(mol: Chem.Mol) -> Chem.Mol | None:
     bonded = Chem.Mol(mol)
     with RDKitLog():
         try:
-            rdDetermineBonds.DetermineBonds(bonded, charge=0)
+            rdDetermineBonds.DetermineBonds(bonded, charge=0, embedChiral=False)  # its sanitization: below
+            sanitize(bonded)
+            Chem.SetDoubleBondNeighborDirections(bonded, bonded.GetConformer())
             Chem.AssignStereochemistryFrom3D(bonded)
         except Exception:  # no consistent bond orders, or elements RDKit has no radii for
             return None

@@ -19,7 +19,7 @@ from rdkit import Chem
 
 from se3tcli.io.bonds import atoms_mol, perceive_bonds
 from se3tcli.io.molecule import Molecule
-from se3tcli.io.rdkit_tools import RDKitLog
+from se3tcli.io.rdkit_tools import RDKitLog, sanitize
 from se3tcli.targets import INPUT_TAG_SUFFIX, STATUS_TAG, column_name
 
 # The fields of every CSV row and JSON record before the values; record is 1-based, as in the messages.
@@ -171,6 +171,8 @@ def smiles_of(molecule: Molecule) -> str:
         return ""
     with RDKitLog():
         try:
-            return Chem.MolToSmiles(Chem.RemoveHs(mol))
+            heavy = Chem.RemoveHs(mol, sanitize=False)
+            sanitize(heavy)  # in bounded time, where RemoveHs' own would not be
+            return Chem.MolToSmiles(heavy)
         except Exception:  # e.g. a molecule that does not sanitize
             return ""

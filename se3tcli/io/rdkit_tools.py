@@ -1,8 +1,10 @@
 """RDKit helpers shared by the readers and the SDF writer: quiet logging that keeps RDKit's error
-messages as reasons, and the atoms and coordinates of an RDKit molecule."""
+messages as reasons, sanitization in bounded time, and the atoms and coordinates of an RDKit molecule."""
 
 from __future__ import annotations
 
+import functools
+import operator
 import re
 from contextlib import ExitStack
 
@@ -14,6 +16,11 @@ from se3tcli.io.molecule import reason
 # RDKit >= 2026.03 can capture its error log; older versions only get it silenced (generic reasons then).
 _CaptureErrorLog = getattr(rdBase, "CaptureErrorLog", None)
 _RDKIT_LOG_LINE = re.compile(r"^\[\d{2}:\d{2}:\d{2}\] (?:ERROR: )?(.+)$", re.MULTILINE)
+# RDKit's default aromaticity model also tries unions of a fused ring system's rings, which grows
+# combinatorially with the system: on hydrogen-capped graphene flakes it took 19 s for one of 54 rings and
+# did not finish in 10 minutes for one of 140 (3 ms for another of 78), in C++ that Ctrl-C cannot stop.
+# Larger fused systems get the simple model (each 5- or 6-membered ring on its own), which is fast.
+MAX_FUSED_RINGS_DEFAULT_AROMATICITY = 20
 
 
 class RDKitLog:
@@ -37,6 +44,49 @@ class RDKitLog:
         lines = [line.strip() for line in _RDKIT_LOG_LINE.findall(text)]
         lines = [line for line in lines if not line.startswith("moving to the beginning of the next")]
         return reason(ValueError("; ".join(dict.fromkeys(lines)))) if lines else default
+
+
+def sanitize(mol: Chem.Mol) -> None:
+    """``Chem.SanitizeMol`` (raising as it does), with the aromaticity perceived in bounded time: RDKit's
+    default model where no fused ring system has more than :data:`MAX_FUSED_RINGS_DEFAULT_AROMATICITY`
+    rings, else the simple model (then an aromatic NH that the input wrote with implicit hydrogens reads
+    back as a Kekulé NH in SMILES; atoms-only input has every hydrogen as an atom)."""
+    mol.UpdatePropertyCache(strict=False)
+    Chem.GetSymmSSSR(mol)  # the ring set, for the count below
+    if largest_fused_ring_system(mol) <= MAX_FUSED_RINGS_DEFAULT_AROMATICITY:
+        Chem.SanitizeMol(mol)
+        return
+    flags = Chem.SanitizeFlags
+    Chem.SanitizeMol(mol, flags.SANITIZE_ALL ^ flags.SANITIZE_SETAROMATICITY)
+    Chem.SetAromaticity(mol, Chem.AromaticityModel.AROMATICITY_SIMPLE)
+    # the steps SanitizeMol takes after the aromaticity (and the ring set again: each sanitization resets it)
+    after = [flags.SANITIZE_SYMMRINGS, flags.SANITIZE_SETCONJUGATION, flags.SANITIZE_SETHYBRIDIZATION]
+    after += [flags.SANITIZE_CLEANUPCHIRALITY, flags.SANITIZE_ADJUSTHS]
+    Chem.SanitizeMol(mol, functools.reduce(operator.or_, after))
+
+
+def largest_fused_ring_system(mol: Chem.Mol) -> int:
+    """The number of rings (of RDKit's ring set) in the largest system of rings that share bonds."""
+    rings = [set(ring) for ring in mol.GetRingInfo().BondRings()]
+    system = list(range(len(rings)))  # union-find: each ring's representative
+
+    def root(i: int) -> int:
+        while system[i] != i:
+            system[i] = system[system[i]]
+            i = system[i]
+        return i
+
+    owner: dict[int, int] = {}  # bond index: a ring holding it
+    for i, ring in enumerate(rings):
+        for bond in ring:
+            if bond in owner:
+                system[root(i)] = root(owner[bond])
+            else:
+                owner[bond] = i
+    sizes: dict[int, int] = {}
+    for i in range(len(rings)):
+        sizes[root(i)] = sizes.get(root(i), 0) + 1
+    return max(sizes.values(), default=0)
 
 
 def atoms_of(mol: Chem.Mol) -> tuple[np.ndarray, list[str]]:

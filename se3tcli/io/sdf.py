@@ -20,7 +20,7 @@ from rdkit import Chem
 from se3tcli.io.conformers import PendingConformer, to_binary
 from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, text_lines
 from se3tcli.io.molecule import Molecule, Record, element_problem, guarded, reason
-from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
+from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of, sanitize
 
 
 def _open(path: str | Path) -> IO[bytes]:
@@ -131,7 +131,7 @@ def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -
     if problem:
         return error(problem)
     try:
-        Chem.SanitizeMol(mol)
+        sanitize(mol)
     except Exception as exc:  # RDKit raises several sanitization exception types
         return error(f"RDKit sanitization failed: {reason(exc)}")
     # 2D: no conformer, or more than one atom, all z == 0 and the header does not declare 3D coordinates

@@ -19,8 +19,8 @@ from rdkit import Chem
 from se3tcli.io.conformer_pool import Row
 from se3tcli.io.conformers import PendingConformer, to_binary
 from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, open_text, text_lines
-from se3tcli.io.molecule import SMILES_SOURCE, Molecule, Record, element_problem, guarded
-from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of
+from se3tcli.io.molecule import SMILES_SOURCE, Molecule, Record, element_problem, guarded, reason
+from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of, sanitize
 
 _HEADER_WORDS = {"smiles", "smi"}
 
@@ -89,7 +89,12 @@ def _split_line(line: str) -> tuple[str, str]:
 def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Row:
     name = name.strip() or smiles
     with RDKitLog() as log:
-        mol = Chem.MolFromSmiles(smiles)
+        mol = Chem.MolFromSmiles(smiles, sanitize=False)
+        try:
+            if mol is not None:
+                sanitize(mol)
+        except Exception as exc:  # RDKit raises several sanitization exception types
+            return record.error(f"cannot parse SMILES {smiles!r}: {reason(exc)}", name)
         if mol is None:
             return record.error(f"cannot parse SMILES {smiles!r}: {log.reason('invalid SMILES')}", name)
     numbers, symbols = atoms_of(mol)

@@ -23,7 +23,7 @@ from se3tcli.elements import symbol
 from se3tcli.graph import radius_graph
 from se3tcli.io.bonds import MAX_ATOMS_BOND_PERCEPTION, atoms_mol
 from se3tcli.io.molecule import Molecule, isotope_warning
-from se3tcli.io.rdkit_tools import RDKitLog
+from se3tcli.io.rdkit_tools import RDKitLog, sanitize
 
 SHORT_BOND_FACTOR = 0.7  # a pair closer than this times its covalent radii sum is unphysical
 BOND_FACTOR = 1.25  # a pair closer than this times its covalent radii sum is bonded (fragments)
@@ -137,8 +137,10 @@ def _closure(numbers: np.ndarray, positions: np.ndarray, bonds: np.ndarray, char
             mol.AddBond(i, j, Chem.BondType.SINGLE)
         with RDKitLog():
             try:
-                rdDetermineBonds.DetermineBondOrders(mol, charge=charge, allowChargedFragments=charged)
-                Chem.SanitizeMol(mol)
+                rdDetermineBonds.DetermineBondOrders(
+                    mol, charge=charge, allowChargedFragments=charged, embedChiral=False
+                )
+                sanitize(mol)  # in bounded time, where DetermineBondOrders' own would not be
             except Exception:  # no bond orders fit
                 continue
         if not any(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms()):

@@ -32,6 +32,7 @@ from se3tcli.io.conformers import FORCE_FIELD_GEOMETRY
 from se3tcli.io.filereader import MAX_LINE_CHARS
 from se3tcli.io.molecule import close_pair
 from se3tcli.io.outputs import smiles_of
+from se3tcli.io.structure_checks import structure_warnings
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_molecules"
 QM9_NAMES = [f"gdb_{i}" for i in (1, 2, 3, 5, 20, 829, 1000, 4208, 20000, 100000)]
@@ -334,6 +335,18 @@ def test_smiles_arguments_are_embedded():
     assert np.linalg.norm(ethanol.positions[0] - ethanol.positions[1]) == pytest.approx(1.51, abs=0.05)  # Å
     again = next(read_molecules(smiles=["CCO"], seed=7))
     np.testing.assert_allclose(again.positions, ethanol.positions)  # seeded: reproducible
+
+
+def test_cxsmiles_extensions_stay_with_the_smiles():
+    """``CC |^1:0|`` is the ethyl radical: its extension is not the start of the name, and the radical is
+    flagged as one."""
+    radical, stereo, barred = read_molecules(
+        smiles=["CC |^1:0| ethyl", "C[C@H](O)CC |&1:1| racemic butanol", "CCO |not an extension"], seed=7
+    )
+    assert (radical.name, radical.smiles, radical.formula) == ("ethyl", "CC |^1:0|", "C2H5")
+    assert any("radical" in warning for warning in structure_warnings(radical))
+    assert (stereo.name, stereo.smiles) == ("racemic butanol", "C[C@H](O)CC |&1:1|")
+    assert (barred.name, barred.smiles) == ("|not an extension", "CCO")
 
 
 def test_smiles_file_header_comments_and_errors(tmp_path):

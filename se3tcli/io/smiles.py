@@ -81,9 +81,16 @@ def row_from_smiles(line: str, index: int, seed: int) -> Row:
 
 
 def _split_line(line: str) -> tuple[str, str]:
-    """(SMILES, name) from "SMILES [name ...]"; the name is "" when absent."""
+    """(SMILES, name) from "SMILES [|extensions|] [name ...]": CXSMILES extensions (radicals, enhanced
+    stereo, coordinates) stay with the SMILES, which RDKit reads with them; the name is "" when absent."""
     parts = line.strip().split(None, 1)
-    return (parts[0], parts[1].strip()) if len(parts) == 2 else ("".join(parts), "")
+    if len(parts) < 2:
+        return "".join(parts), ""
+    smiles, rest = parts
+    end = rest.find("|", 1) if rest.startswith("|") else -1
+    if end > 0:
+        smiles, rest = f"{smiles} {rest[: end + 1]}", rest[end + 1 :]
+    return smiles, rest.strip()
 
 
 def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Row:

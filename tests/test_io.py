@@ -349,6 +349,21 @@ def test_cxsmiles_extensions_stay_with_the_smiles():
     assert (barred.name, barred.smiles) == ("|not an extension", "CCO")
 
 
+def test_an_sd_query_bond_is_an_error_row_naming_it(tmp_path, samples):
+    methane = (samples / "qm9_sample.sdf").read_text().split("$$$$\n")[0]
+    lines = methane.splitlines()
+    first_bond = 4 + 5  # header, counts line, five atom lines
+    assert lines[first_bond].startswith("  2  1  1")
+    query = "\n".join(lines[:first_bond] + ["  2  1  8  0"] + lines[first_bond + 1 :])  # type 8: any
+    path = tmp_path / "query.sdf"
+    path.write_text(f"{query}\n$$$$\n{methane}$$$$\n")
+    rows = _read(path)
+    assert [m.status for m in rows] == [STATUS_ERROR, STATUS_OK]
+    assert rows[0].message.endswith(
+        "the bond between atoms 2 and 1 is a query bond (SD types 5-8 leave its order open): a pattern"
+    )
+
+
 def test_smiles_file_header_comments_and_errors(tmp_path):
     path = tmp_path / "list.smiles"
     path.write_text("SMILES Name\n# a comment\n\nCCO\tethanol\nnot_a_smiles bad one\n[Na+].[Cl-] salt\n")

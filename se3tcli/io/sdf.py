@@ -107,6 +107,16 @@ def _text_prop(mol: Chem.Mol, key: str) -> str | None:
         return None
 
 
+def _query_bond_problem(mol: Chem.Mol) -> str | None:
+    """Why a molecule with a query bond (SD bond types 5-8: single or double, single or aromatic, double
+    or aromatic, any) is no molecule to predict: such a bond leaves its order open. None without one."""
+    for bond in mol.GetBonds():
+        if bond.HasQuery():
+            ends = f"atoms {bond.GetBeginAtomIdx() + 1} and {bond.GetEndAtomIdx() + 1}"
+            return f"the bond between {ends} is a query bond (SD types 5-8 leave its order open): a pattern"
+    return None
+
+
 def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -> Molecule | PendingConformer:
     """The row of an RDKit molecule (as an SDF record gives it): hydrogens and a 3D conformer added where
     it lacks them (warnings, or errors without ``embed``); SD tags as properties. A 2D record's row is
@@ -127,7 +137,7 @@ def molecule_from_rdkit(record: Record, mol: Chem.Mol, embed: bool, seed: int) -
     def error(why: str) -> Molecule:
         return record.error(why, name, numbers, positions, properties)
 
-    problem = element_problem(numbers, symbols)
+    problem = element_problem(numbers, symbols) or _query_bond_problem(mol)
     if problem:
         return error(problem)
     try:

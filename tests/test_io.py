@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import math
 import random
@@ -29,9 +30,10 @@ from se3tcli.io import (
     writer_formats,
 )
 from se3tcli.io.conformers import FORCE_FIELD_GEOMETRY
-from se3tcli.io.filereader import MAX_LINE_CHARS
+from se3tcli.io.filereader import MAX_LINE_CHARS, read_stream
 from se3tcli.io.molecule import close_pair
 from se3tcli.io.outputs import smiles_of
+from se3tcli.io.reading import reader_of
 from se3tcli.io.structure_checks import structure_warnings
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_molecules"
@@ -362,6 +364,19 @@ def test_an_sd_query_bond_is_an_error_row_naming_it(tmp_path, samples):
     assert rows[0].message.endswith(
         "the bond between atoms 2 and 1 is a query bond (SD types 5-8 leave its order open): a pattern"
     )
+
+
+def test_gzip_data_under_another_name_is_named_and_on_standard_input_is_read(tmp_path, samples):
+    compressed = gzip.compress((samples / "qm9_sample.xyz").read_bytes())
+    misnamed = tmp_path / "frames.xyz"
+    misnamed.write_bytes(compressed)
+    (row,) = _read(misnamed)
+    assert row.status == STATUS_ERROR
+    assert "gzip-compressed, although its name does not end in .gz" in row.message
+    piped = io.BufferedReader(io.BytesIO(compressed))  # as standard input is
+    rows = list(read_stream(piped, reader_of("x.xyz"), embed=False, seed=0))
+    assert [m.name for m in rows] == [m.name for m in _read(samples / "qm9_sample.xyz")]
+    assert all(m.ok for m in rows)
 
 
 def test_smiles_file_header_comments_and_errors(tmp_path):

@@ -49,12 +49,22 @@ def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> I
     if handle is None:
         yield Record(source, 0).error("cannot open file: not a regular file (a pipe, device or socket)")
         return
+    if not source.lower().endswith(".gz") and _starts_as_gzip(handle):
+        handle.close()
+        yield Record(source, 0).error(
+            "gzip-compressed, although its name does not end in .gz: decompress it (or name an SDF .sdf.gz)"
+        )
+        return
     with handle:
         yield from _rows_to_the_end(handle, source, reader, embed, seed, _shrink_check(handle))
 
 
 def read_stream(stream: IO[bytes], reader: FileReader, embed: bool, seed: int) -> Iterator[Molecule]:
-    """:func:`read_file` of a binary stream (standard input), whose rows have the source ``<stdin>``."""
+    """:func:`read_file` of a binary stream (standard input), whose rows have the source ``<stdin>``;
+    gzip-compressed data (``curl .../x.sdf.gz | se3t predict -``) is decompressed."""
+    peek = getattr(stream, "peek", None)
+    if peek is not None and peek(len(GZIP_MAGIC))[: len(GZIP_MAGIC)] == GZIP_MAGIC:
+        stream = gzip.GzipFile(fileobj=stream, mode="rb")
     handle = stream if reader.binary else io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace")
     yield from _rows_to_the_end(handle, STDIN_SOURCE, reader, embed, seed)
 
@@ -86,6 +96,12 @@ def _rows_to_the_end(
 
 
 _SHRANK = "it was cut short while it was read (truncated, or rewritten in place)"
+GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of gzip data
+
+
+def _starts_as_gzip(handle: IO) -> bool:
+    """Whether the file open as ``handle`` begins with gzip's magic bytes (read without moving it)."""
+    return os.pread(handle.fileno(), len(GZIP_MAGIC), 0) == GZIP_MAGIC
 
 
 def _shrink_check(handle: IO) -> Callable[[], bool]:

@@ -24,7 +24,7 @@ from se3tcli.elements import symbol
 from se3tcli.graph import collate
 from se3tcli.io import STATUS_ERROR, STATUS_WARNING, Molecule, PredictionWriter
 from se3tcli.io.molecule import size_limit_reason
-from se3tcli.io.structure_checks import structure_warnings
+from se3tcli.io.structure_checks import electron_count, structure_warnings
 from se3tcli.io.writer import STDOUT
 from se3tcli.model.heads import MU_VECTOR
 from se3tcli.model.transformer import SE3Transformer
@@ -90,6 +90,10 @@ def check_domain(molecule: Molecule, loaded: LoadedModel) -> Molecule:
         return _with_status(
             molecule, STATUS_ERROR, f"element {names} not supported by this model (knows {known})"
         )
+    electrons = electron_count(molecule)
+    if electrons is not None and electrons <= 0:
+        reason = f"{electrons} electrons (a bare proton?): nothing to predict"
+        return _with_status(molecule, STATUS_ERROR, reason)
     domain = _domain_warnings(molecule, loaded.training_domain)
     reasons = ["; ".join(domain) + ": extrapolation"] if domain else []
     reasons += structure_warnings(molecule)

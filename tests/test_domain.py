@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from se3tcli.checkpoint import LoadedModel
-from se3tcli.io import STATUS_OK, STATUS_WARNING, Molecule
+from se3tcli.io import STATUS_ERROR, STATUS_OK, STATUS_WARNING, Molecule
 from se3tcli.model.config import ModelConfig
 from se3tcli.model.transformer import SE3Transformer
 from se3tcli.predict import RARE_SIZE_FRACTION, check_domain
@@ -60,3 +60,14 @@ def test_checkpoints_without_the_counts_or_with_few_training_molecules_give_no_s
     assert check_domain(_molecule(1), _loaded({})).status == STATUS_OK
     tiny = {"train_molecules_by_heavy_atoms": {"5": 20, "9": 28}}  # 48 molecules: no statistics of sizes
     assert check_domain(_molecule(1), _loaded(tiny)).status == STATUS_OK
+
+
+def test_a_bare_proton_is_an_error_and_a_hydride_is_predicted() -> None:
+    proton, hydride = (
+        Molecule("m", "in.xyz", 0, np.array([1]), np.zeros((1, 3)), {"charge": q}, STATUS_OK)
+        for q in ("1", "-1")
+    )
+    checked = check_domain(proton, _loaded({}))
+    assert checked.status == STATUS_ERROR
+    assert checked.message.endswith("0 electrons (a bare proton?): nothing to predict")
+    assert check_domain(hydride, _loaded({})).status == STATUS_WARNING  # a charge, but two electrons

@@ -280,7 +280,7 @@ def test_a_nanographene_is_checked_and_named_in_bounded_time() -> None:
     worker.start()
     worker.join(timeout=120)  # a hang guard, not a speed target: it takes well under a second
     assert not worker.is_alive(), "the structure checks of a nanographene did not finish"
-    assert Chem.MolFromSmiles(result["smiles"]).GetNumAtoms() == 268
+    assert Chem.MolFromSmiles(result["smiles"], sanitize=False).GetNumAtoms() == 268  # RDKit's would hang
     assert any("valences close only with a charged carbon" in w for w in result["warnings"])
 
 

@@ -187,6 +187,14 @@ def _charge(molecule: Molecule) -> int | None:
     return molecule.net_charge or 0
 
 
+def electron_count(molecule: Molecule) -> int | None:
+    """The molecule's electrons: its atomic numbers less its net charge (an RDKit molecule's formal
+    charges, else what the record declares); None where the declared charge is not a whole number."""
+    mol = molecule.rdkit_mol
+    charge = sum(a.GetFormalCharge() for a in mol.GetAtoms()) if mol is not None else _charge(molecule)
+    return None if charge is None else int(molecule.numbers.sum()) - charge
+
+
 MULTIPLICITY_WORDS = {"singlet": 1, "doublet": 2, "triplet": 3, "quartet": 4, "quintet": 5}
 
 

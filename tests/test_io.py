@@ -235,6 +235,22 @@ def test_xyz_names_and_extxyz_properties(tmp_path):
     assert all(m.status == STATUS_OK and m.formula == "H2O" for m in rows)
 
 
+def test_xyz_titles_with_an_equals_sign_keep_the_frame(tmp_path):
+    """A comment line is extXYZ metadata only where it has a key=value entry; one that ASE cannot read
+    as metadata names the frame instead of losing it."""
+    path = tmp_path / "titles.xyz"
+    path.write_text(
+        _xyz_frame("O H H", WATER, "=")
+        + _xyz_frame("O H H", WATER, "SCF Done:  E(RB3LYP) =  -76.40 A.U.")
+        + _xyz_frame("O H H", WATER, "Lattice=1")
+    )
+    rows = _read(path)
+    assert [m.name for m in rows] == ["=", "SCF Done:  E(RB3LYP) =  -76.40 A.U.", "Lattice=1"]
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_OK, STATUS_WARNING]
+    assert "the comment line is no extXYZ metadata that ASE can read" in rows[2].message
+    assert all(m.formula == "H2O" for m in rows)
+
+
 def test_xyz_bad_frames(tmp_path):
     path = tmp_path / "bad.xyz"
     path.write_text(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import IO
 
@@ -32,6 +32,7 @@ _EOF = object()  # end-of-file marker for next(lines, _EOF)
 _COUNT_LINE = re.compile(r"\+?([0-9]+)(\.0*)?")
 _ATOMIC_NUMBER = re.compile(r"[0-9]+")
 _PROPERTIES_KEY = re.compile(r"(?:^|\s)properties\s*=", re.IGNORECASE)  # extXYZ: the columns are named
+_EXTXYZ_KEY = re.compile(r"(?:^|\s)[A-Za-z_][\w.:-]*=\S")  # an extXYZ entry: key=value, no spaces
 _QM9_HEADER = re.compile(r"gdb\s+([0-9]+)((?:\s+\S+){15})")  # QM9's comment line (after strip)
 # The 15 properties of a QM9 comment line, in order, with their units (Hartree for the energies).
 QM9_PROPERTIES = (
@@ -156,20 +157,29 @@ def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule
     qm9 = _QM9_HEADER.fullmatch(comment)
     if qm9:
         return _from_qm9_frame(record, qm9, atom_lines)
-    metadata = "=" in comment  # extXYZ key=value pairs, not a plain title
-    name = "" if metadata else comment
-    if not _PROPERTIES_KEY.search(comment):  # the default columns: element, x, y, z
+    columns = _PROPERTIES_KEY.search(comment) is not None
+    metadata = columns or _EXTXYZ_KEY.search(comment) is not None  # key=value pairs, not a plain title
+    title = "" if metadata else comment
+    if not columns:  # the default columns: element, x, y, z
         atom_lines, problem = _with_symbols(atom_lines)
         if problem:
-            return record.error(problem, name)
-    text = f"{len(atom_lines)}\n{comment if metadata else ''}\n{''.join(atom_lines)}"
+            return record.error(problem, title)
     try:
-        atoms = ase.io.read(io.StringIO(text), format="extxyz", index=0)
+        atoms = _ase_frame(comment if metadata else "", atom_lines)
     except KeyError as exc:
-        return record.error(f"unknown element symbol {exc.args[0]!r}", name)
+        return record.error(f"unknown element symbol {exc.args[0]!r}", title)
     except Exception as exc:  # ASE raises many exception types for malformed frames
-        return record.error(f"ASE cannot parse the frame: {reason(exc)}", name)
-    return molecule_from_atoms(record, atoms, name, with_info=metadata)
+        if columns or not metadata:
+            return record.error(f"ASE cannot parse the frame: {reason(exc)}", title)
+        # key=value text ASE cannot read ("Lattice=1", an unclosed quote): the frame, named by its comment
+        why = f"the comment line is no extXYZ metadata that ASE can read ({reason(exc)}): taken as a title"
+        atoms = _ase_frame("", atom_lines)
+        return molecule_from_atoms(record, atoms, comment, with_info=False, warnings=[why])
+    return molecule_from_atoms(record, atoms, title, with_info=metadata)
+
+
+def _ase_frame(comment: str, atom_lines: list[str]) -> ase.Atoms:
+    return ase.io.read(io.StringIO(f"{len(atom_lines)}\n{comment}\n{''.join(atom_lines)}"), format="extxyz")
 
 
 def _from_qm9_frame(record: Record, header: re.Match, atom_lines: list[str]) -> Molecule:
@@ -204,9 +214,11 @@ def _with_symbols(atom_lines: list[str]) -> tuple[list[str], str]:
     return lines, ""
 
 
-def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_info: bool = True) -> Molecule:
+def molecule_from_atoms(
+    record: Record, atoms: ase.Atoms, name: str = "", with_info: bool = True, warnings: Sequence[str] = ()
+) -> Molecule:
     """The row of an ASE ``Atoms``: its ``info`` entries (and scalar calculator results) as properties,
-    its ``info["name"]`` as the name where there is one."""
+    its ``info["name"]`` as the name where there is one; ``warnings`` are the reader's own."""
     properties: dict[str, str] = {}
     if with_info:
         entries = dict(atoms.info)
@@ -217,9 +229,9 @@ def molecule_from_atoms(record: Record, atoms: ase.Atoms, name: str = "", with_i
     numbers = np.asarray(atoms.numbers, dtype=np.int64)  # [n_atoms]
     positions = np.asarray(atoms.positions, dtype=np.float64)  # [n_atoms, 3] Å
     # A crystal or a periodic box is predicted as the isolated atoms it lists: say so.
-    warnings = (
-        ["periodic boundary conditions ignored: predicted as an isolated molecule"] if any(atoms.pbc) else []
-    )
+    warnings = list(warnings)
+    if any(atoms.pbc):
+        warnings.append("periodic boundary conditions ignored: predicted as an isolated molecule")
     warnings += _isotope_masses(atoms, numbers)
     row = record.molecule(name, numbers, positions, properties, atoms.get_chemical_symbols(), warnings)
     return replace(row, net_charge=_summed_charge(atoms)) if row.ok else row

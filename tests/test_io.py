@@ -395,6 +395,14 @@ def test_gzip_data_under_another_name_is_named_and_on_standard_input_is_read(tmp
     assert all(m.ok for m in rows)
 
 
+def test_an_sd_title_that_is_not_utf8_keeps_the_row_named(tmp_path, samples):
+    methane = (samples / "qm9_sample.sdf").read_bytes().split(b"$$$$\n")[0]
+    path = tmp_path / "latin1.sdf"
+    path.write_bytes(b"\xc9thane" + methane[methane.index(b"\n") :] + b"$$$$\n")  # cp1252, as ChemDraw
+    (row,) = _read(path)
+    assert (row.name, row.status) == ("\ufffdthane", STATUS_OK)  # as SMILES and XYZ names are decoded
+
+
 def test_smiles_file_header_comments_and_errors(tmp_path):
     path = tmp_path / "list.smiles"
     path.write_text("SMILES Name\n# a comment\n\nCCO\tethanol\nnot_a_smiles bad one\n[Na+].[Cl-] salt\n")

@@ -96,6 +96,8 @@ def _row(text: bytes, record: Record, embed: bool, seed: int) -> Molecule:
         if mol is None:
             missing = "" if b"M  END" in text else " (it has no 'M  END' line)"
             return record.error(f"cannot parse record{missing}: {log.reason('RDKit could not parse it')}")
+        if mol.HasProp("_Name") and _text_prop(mol, "_Name") is None:  # as SMILES and XYZ names: U+FFFD
+            mol.SetProp("_Name", text.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip())
         return guarded(molecule_from_rdkit, record, mol, embed, seed)
 
 

@@ -6,7 +6,7 @@
 
 prints the test-MAE table (beside the model it replaces and the paper), the sigma calibration table, and,
 where their JSON is given, the out-of-domain table (benchmarks/uncertainty_ood.py --json) and the
-smallest molecules' column (benchmarks/small_molecules.py --json) for TRAINING.md.
+smallest molecules' columns (benchmarks/small_molecules.py --json) for TRAINING.md.
 """
 
 from __future__ import annotations
@@ -91,16 +91,19 @@ def ood_table(ood: dict) -> list[str]:
     return rows
 
 
-def small_column(small: dict) -> list[str]:
-    """One model's cells of TRAINING.md's smallest-molecules table, one line per row of that table."""
-    (report,) = small.values()
-    mae = report["test_mae"]
-    lines = [" / ".join(f"{mae[t] * 1000:.1f}" for t in ("homo", "lumo", "gap")) + "  (test MAE meV)"]
-    lines.append(f"{report['first_12_off'][0]}  (first 12 > 4x off, of {report['first_12_off'][1]})")
-    for group, cells in report["mae_ratio_by_size"].items():
-        lines.append(" ".join(f"{cells[t]:.1f}" for t in SMALL_TARGETS) + f"  ({group}, n={cells['n']})")
-    for molecule, cells in report["named_errors"].items():
-        lines.append(f"{cells['homo']:+.2f}  ({molecule}: HOMO error eV)")
+def small_columns(small: dict) -> list[str]:
+    """Each model's cells of TRAINING.md's smallest-molecules table, one line per row of that table."""
+    lines = []
+    for model, report in small.items():
+        mae = report["test_mae"]
+        lines.append(f"{model}:")
+        lines.append(" / ".join(f"{mae[t] * 1000:.1f}" for t in ("homo", "lumo", "gap")) + "  (test MAE meV)")
+        off, total = report["first_12_off"]
+        lines.append(f"{off}  (of {total}: QM9's first molecules far off, benchmarks/small_molecules.py)")
+        for group, cells in report["mae_ratio_by_size"].items():
+            lines.append(" ".join(f"{cells[t]:.1f}" for t in SMALL_TARGETS) + f"  ({group}, n={cells['n']})")
+        for molecule, cells in report["named_errors"].items():
+            lines.append(f"{cells['homo']:+.2f}  ({molecule}: HOMO error eV)")
     return lines
 
 
@@ -116,7 +119,7 @@ def main() -> None:
     if args.ood:
         sections.append(ood_table(json.loads(args.ood.read_text())))
     if args.small:
-        sections.append(small_column(json.loads(args.small.read_text())))
+        sections.append(small_columns(json.loads(args.small.read_text())))
     print("\n\n".join("\n".join(rows) for rows in sections))
 
 

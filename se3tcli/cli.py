@@ -155,7 +155,8 @@ class _RememberedInterrupts:
 
     def __exit__(self, *exc: object) -> None:
         for s, previous in self._previous.items():
-            signal.signal(s, previous)
+            if previous is not None:  # None: a handler installed from C, which Python cannot reinstate
+                signal.signal(s, previous)
         sys.unraisablehook = self._previous_hook
 
 

@@ -92,7 +92,7 @@ def check_domain(molecule: Molecule, loaded: LoadedModel) -> Molecule:
         )
     electrons = electron_count(molecule)
     if electrons is not None and electrons <= 0:
-        reason = f"{electrons} electrons (a bare proton?): nothing to predict"
+        reason = f"{electrons} electrons (a bare nucleus?): nothing to predict"
         return _with_status(molecule, STATUS_ERROR, reason)
     domain = _domain_warnings(molecule, loaded.training_domain)
     reasons = ["; ".join(domain) + ": extrapolation"] if domain else []

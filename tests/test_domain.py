@@ -69,5 +69,5 @@ def test_a_bare_proton_is_an_error_and_a_hydride_is_predicted() -> None:
     )
     checked = check_domain(proton, _loaded({}))
     assert checked.status == STATUS_ERROR
-    assert checked.message.endswith("0 electrons (a bare proton?): nothing to predict")
+    assert checked.message.endswith("0 electrons (a bare nucleus?): nothing to predict")
     assert check_domain(hydride, _loaded({})).status == STATUS_WARNING  # a charge, but two electrons

@@ -243,10 +243,12 @@ def test_xyz_titles_with_an_equals_sign_keep_the_frame(tmp_path):
         _xyz_frame("O H H", WATER, "=")
         + _xyz_frame("O H H", WATER, "SCF Done:  E(RB3LYP) =  -76.40 A.U.")
         + _xyz_frame("O H H", WATER, "Lattice=1")
+        + _xyz_frame("O H H", WATER, " i = 1, time = 0.500, E = -17.1")  # CP2K's: metadata, spaced
     )
     rows = _read(path)
-    assert [m.name for m in rows] == ["=", "SCF Done:  E(RB3LYP) =  -76.40 A.U.", "Lattice=1"]
-    assert [m.status for m in rows] == [STATUS_OK, STATUS_OK, STATUS_WARNING]
+    assert [m.name for m in rows] == ["=", "SCF Done:  E(RB3LYP) =  -76.40 A.U.", "Lattice=1", "titles.xyz#4"]
+    assert [m.status for m in rows] == [STATUS_OK, STATUS_OK, STATUS_WARNING, STATUS_OK]
+    assert rows[3].properties["E"] == "-17.1"
     assert "the comment line is no extXYZ metadata that ASE can read" in rows[2].message
     assert all(m.formula == "H2O" for m in rows)
 
@@ -373,10 +375,11 @@ def test_an_sd_query_bond_is_an_error_row_naming_it(tmp_path, samples):
     first_bond = 4 + 5  # header, counts line, five atom lines
     assert lines[first_bond].startswith("  2  1  1")
     query = "\n".join(lines[:first_bond] + ["  2  1  8  0"] + lines[first_bond + 1 :])  # type 8: any
+    in_a_chain = "\n".join(lines[:first_bond] + ["  2  1  1  0  0  2"] + lines[first_bond + 1 :])  # topology
     path = tmp_path / "query.sdf"
-    path.write_text(f"{query}\n$$$$\n{methane}$$$$\n")
+    path.write_text(f"{query}\n$$$$\n{methane}$$$$\n{in_a_chain}\n$$$$\n")
     rows = _read(path)
-    assert [m.status for m in rows] == [STATUS_ERROR, STATUS_OK]
+    assert [m.status for m in rows] == [STATUS_ERROR, STATUS_OK, STATUS_OK]
     assert rows[0].message.endswith(
         "the bond between atoms 2 and 1 is a query bond (SD types 5-8 leave its order open): a pattern"
     )

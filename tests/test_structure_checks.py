@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rdkit import Chem
+from rdkit.Chem.rdMolDescriptors import CalcMolFormula
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from typer.testing import CliRunner
 
 from se3tcli.cli import app
-from se3tcli.io import read_molecules
+from se3tcli.io import rdkit_tools, read_molecules
 from se3tcli.io.molecule import Molecule
 from se3tcli.io.outputs import smiles_of
 from se3tcli.io.rdkit_tools import largest_fused_ring_system, sanitize
@@ -297,3 +298,17 @@ def test_bounded_sanitization_matches_rdkit_below_the_bound() -> None:
         mol = Chem.MolFromSmiles(smiles, sanitize=False)
         sanitize(mol)
         assert Chem.MolToSmiles(mol) == Chem.MolToSmiles(Chem.MolFromSmiles(smiles))
+
+
+@pytest.mark.parametrize(
+    "smiles", ["c1cc[nH]c1", "c1ccc2[nH]ccc2c1", "O=c1cc[nH]cc1", "c1ncc2nc[nH]c2n1", "c1ccccc1"]
+)
+def test_the_simple_aromaticity_path_keeps_every_hydrogen(smiles: str, monkeypatch) -> None:
+    """The path taken for fused systems of over 20 rings, here forced on small ones: the molecule keeps its
+    formula and its SMILES reads back."""
+    monkeypatch.setattr(rdkit_tools, "MAX_FUSED_RINGS_DEFAULT_AROMATICITY", -1)
+    mol = Chem.MolFromSmiles(smiles, sanitize=False)
+    sanitize(mol)
+    again = Chem.MolFromSmiles(Chem.MolToSmiles(mol))
+    assert again is not None
+    assert CalcMolFormula(mol) == CalcMolFormula(again) == CalcMolFormula(Chem.MolFromSmiles(smiles))

@@ -49,7 +49,7 @@ def read_file(path: str | Path, reader: FileReader, embed: bool, seed: int) -> I
     if handle is None:
         yield Record(source, 0).error("cannot open file: not a regular file (a pipe, device or socket)")
         return
-    if not source.lower().endswith(".gz") and _starts_as_gzip(handle):
+    if not source.lower().endswith(".gz") and _starts_as_gzip(path):
         handle.close()
         yield Record(source, 0).error(
             "gzip-compressed, although its name does not end in .gz: decompress it (or name an SDF .sdf.gz)"
@@ -88,7 +88,7 @@ def _rows_to_the_end(
             count += 1
         problem = _SHRANK if shrank() else ""
     except Exception as exc:  # I/O or decompression errors of the underlying stream
-        problem = _SHRANK if shrank() else _stream_problem(exc)
+        problem = _SHRANK if shrank() else _stream_problem(exc, source.lower().endswith(".gz"))
     if problem:
         yield Record(source, count).error(f"cannot read the rest of the file: {problem}")
     elif count == 0:
@@ -99,9 +99,13 @@ _SHRANK = "it was cut short while it was read (truncated, or rewritten in place)
 GZIP_MAGIC = b"\x1f\x8b"  # the first bytes of gzip data
 
 
-def _starts_as_gzip(handle: IO) -> bool:
-    """Whether the file open as ``handle`` begins with gzip's magic bytes (read without moving it)."""
-    return os.pread(handle.fileno(), len(GZIP_MAGIC), 0) == GZIP_MAGIC
+def _starts_as_gzip(path: str | Path) -> bool:
+    """Whether the file begins with gzip's magic bytes (False where it cannot be read: its reader tells)."""
+    try:
+        with open(path, "rb") as raw:
+            return raw.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+    except OSError:
+        return False
 
 
 def _shrink_check(handle: IO) -> Callable[[], bool]:
@@ -119,10 +123,13 @@ def _shrink_check(handle: IO) -> Callable[[], bool]:
     return shrank
 
 
-def _stream_problem(exc: Exception) -> str:
-    """Why a stream could not be read, in words (the gzip module's own messages say little)."""
+def _stream_problem(exc: Exception, gz_name: bool) -> str:
+    """Why a stream (of a file named .gz if ``gz_name``) could not be read, in words (the gzip module's
+    own messages say little)."""
     if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file"):  # the magic bytes
-        return "not gzip-compressed, although its name ends in .gz"
+        if gz_name:
+            return "not gzip-compressed, although its name ends in .gz"
+        return "uncompressed data after the gzip-compressed data (files concatenated?)"
     if isinstance(exc, EOFError):
         return "the compressed data ends early (the file is cut short)"
     if isinstance(exc, (gzip.BadGzipFile, zlib.error)):  # a CRC or length check failed, a bad block

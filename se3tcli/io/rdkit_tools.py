@@ -49,8 +49,7 @@ class RDKitLog:
 def sanitize(mol: Chem.Mol) -> None:
     """``Chem.SanitizeMol`` (raising as it does), with the aromaticity perceived in bounded time: RDKit's
     default model where no fused ring system has more than :data:`MAX_FUSED_RINGS_DEFAULT_AROMATICITY`
-    rings, else the simple model (then an aromatic NH that the input wrote with implicit hydrogens reads
-    back as a Kekulé NH in SMILES; atoms-only input has every hydrogen as an atom)."""
+    rings, else the simple model (5- and 6-membered rings only: an azulene-like 7-ring stays Kekulé)."""
     mol.UpdatePropertyCache(strict=False)
     Chem.GetSymmSSSR(mol)  # the ring set, for the count below
     if largest_fused_ring_system(mol) <= MAX_FUSED_RINGS_DEFAULT_AROMATICITY:
@@ -59,6 +58,10 @@ def sanitize(mol: Chem.Mol) -> None:
     flags = Chem.SanitizeFlags
     Chem.SanitizeMol(mol, flags.SANITIZE_ALL ^ flags.SANITIZE_SETAROMATICITY)
     Chem.SetAromaticity(mol, Chem.AromaticityModel.AROMATICITY_SIMPLE)
+    for atom in mol.GetAtoms():  # keep the Kekulé form's H on aromatic N (pyrrole's), which a recount drops
+        if atom.GetIsAromatic() and atom.GetAtomicNum() != 6 and atom.GetNumImplicitHs():
+            atom.SetNumExplicitHs(atom.GetTotalNumHs())
+            atom.SetNoImplicit(True)
     # the steps SanitizeMol takes after the aromaticity (and the ring set again: each sanitization resets it)
     after = [flags.SANITIZE_SYMMRINGS, flags.SANITIZE_SETCONJUGATION, flags.SANITIZE_SETHYBRIDIZATION]
     after += [flags.SANITIZE_CLEANUPCHIRALITY, flags.SANITIZE_ADJUSTHS]

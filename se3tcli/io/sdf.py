@@ -113,7 +113,7 @@ def _query_bond_problem(mol: Chem.Mol) -> str | None:
     """Why a molecule with a query bond (SD bond types 5-8: single or double, single or aromatic, double
     or aromatic, any) is no molecule to predict: such a bond leaves its order open. None without one."""
     for bond in mol.GetBonds():
-        if bond.HasQuery():
+        if bond.HasQuery() and bond.GetBondType() == Chem.BondType.UNSPECIFIED:  # not a ring/chain flag
             ends = f"atoms {bond.GetBeginAtomIdx() + 1} and {bond.GetEndAtomIdx() + 1}"
             return f"the bond between {ends} is a query bond (SD types 5-8 leave its order open): a pattern"
     return None

@@ -32,7 +32,7 @@ _EOF = object()  # end-of-file marker for next(lines, _EOF)
 _COUNT_LINE = re.compile(r"\+?([0-9]+)(\.0*)?")
 _ATOMIC_NUMBER = re.compile(r"[0-9]+")
 _PROPERTIES_KEY = re.compile(r"(?:^|\s)properties\s*=", re.IGNORECASE)  # extXYZ: the columns are named
-_EXTXYZ_KEY = re.compile(r"(?:^|\s)[A-Za-z_][\w.:-]*=\S")  # an extXYZ entry: key=value, no spaces
+_EXTXYZ_KEY = re.compile(r"(?:^|\s)[A-Za-z_][\w.:-]*\s*=\s*\S")  # an extXYZ entry: key=value
 _QM9_HEADER = re.compile(r"gdb\s+([0-9]+)((?:\s+\S+){15})")  # QM9's comment line (after strip)
 # The 15 properties of a QM9 comment line, in order, with their units (Hartree for the energies).
 QM9_PROPERTIES = (
@@ -173,7 +173,10 @@ def _from_frame(record: Record, comment: str, atom_lines: list[str]) -> Molecule
             return record.error(f"ASE cannot parse the frame: {reason(exc)}", title)
         # key=value text ASE cannot read ("Lattice=1", an unclosed quote): the frame, named by its comment
         why = f"the comment line is no extXYZ metadata that ASE can read ({reason(exc)}): taken as a title"
-        atoms = _ase_frame("", atom_lines)
+        try:
+            atoms = _ase_frame("", atom_lines)
+        except Exception:  # the atom lines, not the comment: the first reason stands
+            return record.error(f"ASE cannot parse the frame: {reason(exc)}", title)
         return molecule_from_atoms(record, atoms, comment, with_info=False, warnings=[why])
     return molecule_from_atoms(record, atoms, title, with_info=metadata)
 

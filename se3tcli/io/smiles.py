@@ -97,13 +97,12 @@ def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Row:
     name = name.strip() or smiles
     with RDKitLog() as log:
         mol = Chem.MolFromSmiles(smiles, sanitize=False)
-        try:
-            if mol is not None:
-                sanitize(mol)
-        except Exception as exc:  # RDKit raises several sanitization exception types
-            return record.error(f"cannot parse SMILES {smiles!r}: {reason(exc)}", name)
         if mol is None:
             return record.error(f"cannot parse SMILES {smiles!r}: {log.reason('invalid SMILES')}", name)
+        try:
+            sanitize(mol)
+        except Exception as exc:  # RDKit raises several sanitization exception types
+            return record.error(f"cannot parse SMILES {smiles!r}: {reason(exc)}", name)
     numbers, symbols = atoms_of(mol)
     problem = element_problem(numbers, symbols)
     if problem:

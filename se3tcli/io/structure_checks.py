@@ -187,11 +187,16 @@ def _charge(molecule: Molecule) -> int | None:
     return molecule.net_charge or 0
 
 
-def electron_count(molecule: Molecule) -> int | None:
-    """The molecule's electrons: its atomic numbers less its net charge (an RDKit molecule's formal
-    charges, else what the record declares); None where the declared charge is not a whole number."""
+def _net_charge(molecule: Molecule) -> int | None:
+    """An RDKit molecule's formal charges summed, else what an atoms-only record declares (`_charge`)."""
     mol = molecule.rdkit_mol
-    charge = sum(a.GetFormalCharge() for a in mol.GetAtoms()) if mol is not None else _charge(molecule)
+    return sum(a.GetFormalCharge() for a in mol.GetAtoms()) if mol is not None else _charge(molecule)
+
+
+def electron_count(molecule: Molecule) -> int | None:
+    """The molecule's electrons: its atomic numbers less its net charge; None where the declared charge is
+    not a whole number."""
+    charge = _net_charge(molecule)
     return None if charge is None else int(molecule.numbers.sum()) - charge
 
 
@@ -254,16 +259,14 @@ def _valence_warnings(numbers: np.ndarray, bonded: np.ndarray) -> list[str]:
 def _electron_warnings(molecule: Molecule) -> list[str]:
     """A net charge and unpaired electrons: an RDKit molecule's formal charges and radicals; for atoms
     only, the charge the record declares (extXYZ ``charge=``) and the parity of the electron count."""
-    mol = molecule.rdkit_mol
+    charge, mol = _net_charge(molecule), molecule.rdkit_mol
+    if charge is None:  # atoms only
+        return [f"charge={_declared(molecule)!r} is not a whole number"]
     if mol is not None:
-        charge = sum(atom.GetFormalCharge() for atom in mol.GetAtoms())
         radicals = sum(atom.GetNumRadicalElectrons() for atom in mol.GetAtoms())
         unpaired = f"{radicals} radical electron(s)" if radicals else ""
     else:
-        charge = _charge(molecule)
-        if charge is None:
-            return [f"charge={_declared(molecule)!r} is not a whole number"]
-        odd = (int(molecule.numbers.sum()) - charge) % 2  # atomic numbers less the charge: the electrons
+        odd = electron_count(molecule) % 2
         unpaired = "an odd number of electrons" + ("" if charge else " (a hydrogen missing?)") if odd else ""
         multiplicity = _multiplicity(molecule)
         if not unpaired and multiplicity is not None and multiplicity > 1:

@@ -193,7 +193,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 @guarded
 def predict(
     inputs: Annotated[
-        list[Path] | None, typer.Argument(help="SDF/MOL(.gz), XYZ/extXYZ or SMILES (.smi/.txt) files.")
+        list[Path] | None,
+        typer.Argument(help="SDF/MOL(.gz), XYZ/extXYZ, SMILES (.smi/.txt) or CSV tables of SMILES (.csv)."),
     ] = None,
     smiles: Annotated[
         list[str] | None, typer.Option("--smiles", help="A SMILES string (repeatable).")
@@ -227,7 +228,7 @@ def predict(
         bool, typer.Option("--overwrite", help="Replace an existing --output file (never an input).")
     ] = False,
     input_format: Annotated[
-        str | None, typer.Option("--format", help="What standard input (-) holds: sdf, xyz or smi.")
+        str | None, typer.Option("--format", help="What standard input (-) holds: sdf, xyz, smi or csv.")
     ] = None,
     output_format: Annotated[
         str | None,
@@ -503,7 +504,7 @@ def evaluate(
     debug: DebugOption = False,
 ) -> None:
     """MAE, RMSE and R² per target, in physical units, on a split of the model's data or on a labelled file
-    (SD tags or extXYZ keys such as homo, homo_eV or "homo [Ha]", converted); for a model with an
+    (SD tags, extXYZ keys or CSV columns such as homo, homo_eV or "homo [Ha]", converted); for a model with an
     uncertainty head also how well its sigmas match the errors."""
     from se3tcli.checkpoint import load_model
     from se3tcli.render import calibration_table, metrics_table

@@ -163,8 +163,9 @@ def test_unparsable_record_is_reported_and_reading_goes_on(tmp_path):
     path.write_text(good + broken + counts + good)
     rows = _read(path)
     assert [m.status for m in rows] == [STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_OK]
-    assert rows[1].message.startswith("mixed.sdf record 2: cannot parse record: ")
-    assert rows[2].message.startswith("mixed.sdf record 3: cannot parse record: ")
+    assert rows[1].message.startswith("mixed.sdf record 2 (broken): cannot parse record: ")
+    assert rows[2].message.startswith("mixed.sdf record 3 (counts): cannot parse record: ")
+    assert rows[1].name == "broken" and rows[2].name == "counts"  # the title line, though RDKit failed
     assert rows[3].name == "water" and rows[3].index == 3
     if hasattr(Chem.rdBase, "CaptureErrorLog"):  # RDKit's own reason is captured (RDKit >= 2026.03)
         assert "Xx" in rows[1].message
@@ -758,7 +759,8 @@ def test_sdf_records_without_dollars_or_m_end_lose_no_other_record(tmp_path):
     assert [m.name for m in rows if m.ok] == ["a", "b", "d", "e"]
     assert all(m.properties.get("homo") == "-7.0" for m in rows if m.ok)
     assert rows[3].status == STATUS_ERROR
-    assert rows[3].message.startswith("broken.sdf record 4: cannot parse record (it has no 'M  END' line)")
+    expected = "broken.sdf record 4 (c): cannot parse record (it has no 'M  END' line)"
+    assert rows[3].message.startswith(expected)
 
 
 def test_sdf_line_longer_than_the_limit_is_that_records_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Labelled data sets for training and evaluation: QM9 or the user's own SDF/extXYZ files.
+"""Labelled data sets for training and evaluation: QM9 or the user's own SDF/extXYZ/CSV files.
 
 Both end up as a :class:`~se3tcli.data.qm9.QM9Data` container (flat arrays of atoms, offsets, targets),
 which holds any set of labelled molecules, plus a reproducible train/val/test split.
@@ -43,7 +43,7 @@ def load_labelled(
     limit: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> LabelledData:
-    """Load ``qm9`` or a labelled SDF/extXYZ file and split it reproducibly (same arguments, same split)."""
+    """Load ``qm9`` or a labelled SDF/extXYZ/CSV file; split it reproducibly (same arguments, same split)."""
     if dataset.lower() == QM9_NAME:
         missing = [t for t in targets if t not in QM9_TARGETS]
         if missing:
@@ -79,7 +79,7 @@ def load_labelled(
 
 
 def read_labelled_file(path: Path, targets: Sequence[str]) -> QM9Data:
-    """Molecules of an SDF/extXYZ file whose SD tags / info keys give every requested target.
+    """Molecules of an SDF/extXYZ/CSV file whose SD tags / info keys / columns give every requested target.
 
     Values are taken as already in each target's display unit. Records that fail to read or lack a
     target are skipped; a file with no usable record raises ``ValueError``.

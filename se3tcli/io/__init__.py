@@ -5,6 +5,7 @@ Readers, chosen by file suffix (case-insensitive, see :data:`SUPPORTED_SUFFIXES`
 - ``.sdf``, ``.sdf.gz``, ``.mol``: RDKit (:mod:`se3tcli.io.sdf`), with generated conformers for 2D records.
 - ``.xyz``, ``.extxyz``: ASE's extXYZ parser (:mod:`se3tcli.io.xyz`).
 - ``.smi``, ``.smiles``, ``.txt``: one SMILES per line (:mod:`se3tcli.io.smiles`), embedded in 3D.
+- ``.csv``: a table with a SMILES column (:mod:`se3tcli.io.smiles_table`); other columns are properties.
 
 A record that cannot be used keeps its row with status ``error`` and a message naming the file and the
 1-based record number; reading goes on with the next record. A file without any record yields one error

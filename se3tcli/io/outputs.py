@@ -58,6 +58,11 @@ def inert_text(text: str) -> str:
     return "'" + text if text.startswith(_FORMULA_STARTS) else text
 
 
+def text_of_inert(cell: str) -> str:
+    """The text that :func:`inert_text` made ``cell`` from (se3t's CSV output read back)."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_STARTS) else cell
+
+
 class CsvFormat:
     """Columns :data:`BASE_COLUMNS`, then one per quantity (``homo_eV``); empty cells where no value."""
 

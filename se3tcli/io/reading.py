@@ -15,6 +15,7 @@ from se3tcli.io.filereader import FileReader, read_file, read_stream
 from se3tcli.io.molecule import Molecule
 from se3tcli.io.sdf import SDF_READER
 from se3tcli.io.smiles import SMILES_READER, read_smiles_strings
+from se3tcli.io.smiles_table import SMILES_TABLE_READER
 from se3tcli.io.xyz import XYZ_READER
 
 # Matched case-insensitively against the end of the file name, in this order.
@@ -27,6 +28,7 @@ _READER_BY_SUFFIX: dict[str, FileReader] = {
     ".smi": SMILES_READER,
     ".smiles": SMILES_READER,
     ".txt": SMILES_READER,
+    ".csv": SMILES_TABLE_READER,
 }
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_READER_BY_SUFFIX)
 
@@ -37,7 +39,7 @@ def reader_of(path: str | Path) -> FileReader | None:
 
 
 STDIN = "-"  # the input name of standard input
-STDIN_FORMATS = ("sdf", "xyz", "smi")  # what standard input may hold (--format)
+STDIN_FORMATS = ("sdf", "xyz", "smi", "csv")  # what standard input may hold (--format)
 
 
 def check_inputs(paths: Iterable[str | Path], stdin_format: str | None = None) -> None:
@@ -89,7 +91,7 @@ def read_molecules(
     seed
         Random seed of the ETKDGv3 conformer generator.
     stdin_format
-        ``sdf``, ``xyz`` or ``smi``: what the input ``-`` (standard input) holds.
+        ``sdf``, ``xyz``, ``smi`` or ``csv``: what the input ``-`` (standard input) holds.
     workers
         Processes that generate the conformers of SMILES (1: this process; see
         :func:`~se3tcli.io.conformer_pool.embed_pending`).

@@ -95,10 +95,16 @@ def _row(text: bytes, record: Record, embed: bool, seed: int) -> Molecule:
         mol = next(supplier, None)
         if mol is None:
             missing = "" if b"M  END" in text else " (it has no 'M  END' line)"
-            return record.error(f"cannot parse record{missing}: {log.reason('RDKit could not parse it')}")
+            why = f"cannot parse record{missing}: {log.reason('RDKit could not parse it')}"
+            return record.error(why, _title_line(text))
         if mol.HasProp("_Name") and _text_prop(mol, "_Name") is None:  # as SMILES and XYZ names: U+FFFD
-            mol.SetProp("_Name", text.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip())
+            mol.SetProp("_Name", _title_line(text))
         return guarded(molecule_from_rdkit, record, mol, embed, seed)
+
+
+def _title_line(text: bytes) -> str:
+    """A record's first line, its title, as text (invalid UTF-8 as U+FFFD, as SMILES and XYZ names)."""
+    return text.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
 
 
 def _text_prop(mol: Chem.Mol, key: str) -> str | None:

@@ -8,6 +8,7 @@ has no parameters): the row of a valid SMILES is a :class:`PendingConformer`, wh
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from functools import partial
@@ -41,7 +42,7 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
         if index == 0 and smiles.lower() in _HEADER_WORDS:
             continue
         problem = _not_a_smiles_line(text, smiles, name)
-        yield record.error(problem) if problem else guarded(_from_smiles, record, smiles, name, seed)
+        yield record.error(problem) if problem else row_of_smiles(record, smiles, name, seed)
         index += 1
 
 
@@ -77,13 +78,28 @@ def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Row]:
 def row_from_smiles(line: str, index: int, seed: int) -> Row:
     """The row of one string "SMILES [name ...]": record ``index`` of ``SMILES_SOURCE``."""
     smiles, name = _split_line(line)
-    return guarded(_from_smiles, Record(SMILES_SOURCE, index), smiles, name, seed)
+    return row_of_smiles(Record(SMILES_SOURCE, index), smiles, name, seed)
+
+
+def row_of_smiles(
+    record: Record, smiles: str, name: str, seed: int, properties: dict[str, str] | None = None
+) -> Row:
+    """The row of one SMILES (pending its conformer), with the record's other ``properties`` (a CSV
+    table's other columns); its name is the SMILES itself where ``name`` is empty."""
+    return guarded(_from_smiles, record, smiles, name, seed, properties or {})
 
 
 def _split_line(line: str) -> tuple[str, str]:
-    """(SMILES, name) from "SMILES [|extensions|] [name ...]": CXSMILES extensions (radicals, enhanced
-    stereo, coordinates) stay with the SMILES, which RDKit reads with them; the name is "" when absent."""
-    parts = line.strip().split(None, 1)
+    """(SMILES, name) from "SMILES [|extensions|] [name ...]" or "SMILES,name[,...]": CXSMILES extensions
+    (radicals, enhanced stereo, coordinates) stay with the SMILES, which RDKit reads with them; a comma,
+    which no SMILES holds, ends the SMILES as in a CSV line, whose second cell is then the name; the name
+    is "" when absent."""
+    text = line.strip()
+    first = text.split(None, 1)[0] if text else ""
+    if "," in first:
+        cells = next(csv.reader([text]))
+        return cells[0].strip(), cells[1].strip() if len(cells) > 1 else ""
+    parts = text.split(None, 1)
     if len(parts) < 2:
         return "".join(parts), ""
     smiles, rest = parts
@@ -93,7 +109,7 @@ def _split_line(line: str) -> tuple[str, str]:
     return smiles, rest.strip()
 
 
-def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Row:
+def _from_smiles(record: Record, smiles: str, name: str, seed: int, properties: dict[str, str]) -> Row:
     name = name.strip() or smiles
     with RDKitLog() as log:
         mol = Chem.MolFromSmiles(smiles, sanitize=False)
@@ -107,13 +123,15 @@ def _from_smiles(record: Record, smiles: str, name: str, seed: int) -> Row:
     problem = element_problem(numbers, symbols)
     if problem:
         return record.error(problem, name, numbers)
-    finish = partial(_embedded_row, record, smiles, name)
+    finish = partial(_embedded_row, record, smiles, name, properties)
     return PendingConformer(record, name, numbers, to_binary(mol), seed, finish)
 
 
-def _embedded_row(record: Record, smiles: str, name: str, mol: Chem.Mol, warnings: list[str]) -> Molecule:
+def _embedded_row(
+    record: Record, smiles: str, name: str, properties: dict[str, str], mol: Chem.Mol, warnings: list[str]
+) -> Molecule:
     mol.SetProp("_Name", name)
-    properties = {"smiles": smiles}
+    properties = {**properties, "smiles": smiles}
     numbers, symbols = atoms_of(mol)
     molecule = record.molecule(name, numbers, positions_of(mol), properties, symbols, warnings, mol)
     return replace(molecule, smiles=smiles)

@@ -1,0 +1,92 @@
+"""CSV tables of SMILES (``.csv`` input) and comma-separated SMILES lines."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from se3tcli.data.dataset import read_labelled_file
+from se3tcli.data.labels import is_own_prediction, label_value
+from se3tcli.io import STATUS_ERROR, STATUS_WARNING, read_molecules
+from se3tcli.io.outputs import BASE_COLUMNS, inert_text
+from se3tcli.targets import STATUS_TAG
+
+
+def _read(path):
+    return list(read_molecules([path], seed=3))
+
+
+def test_a_table_gives_names_labels_and_error_rows(tmp_path):
+    path = tmp_path / "screen.csv"
+    path.write_text(
+        "ID,Canonical_SMILES,homo [eV],note\n"
+        "m1,CCO,-7.1,fine\n"
+        ",,,\n"  # a spreadsheet's empty row
+        "m2,not_a_smiles,-6.0,\n"
+        "m3,,-5.0,no structure\n"
+        "m4,c1ccccc1O,-6.3\n"  # a short row
+    )
+    rows = _read(path)
+    assert [m.name for m in rows] == ["m1", "m2", "m3", "m4"]
+    assert [m.status for m in rows] == [STATUS_WARNING, STATUS_ERROR, STATUS_ERROR, STATUS_WARNING]
+    assert rows[0].smiles == "CCO" and rows[0].formula == "C2H6O"
+    assert rows[0].properties == {"homo [eV]": "-7.1", "note": "fine", "smiles": "CCO"}
+    assert label_value(rows[0].properties, "homo") == pytest.approx(-7.1)
+    assert rows[1].message.startswith("screen.csv record 2 (m2): cannot parse SMILES 'not_a_smiles'")
+    assert rows[2].message == "screen.csv record 3 (m3): no SMILES in column 2"
+    assert rows[3].properties == {"homo [eV]": "-6.3", "smiles": "c1ccccc1O"}
+
+
+def test_semicolons_quotes_and_a_table_without_header(tmp_path):
+    european = tmp_path / "eu.csv"
+    european.write_text('smiles;name;gap\nClCCCl;"1,2-dichloroethane";7,2\n')
+    (row,) = _read(european)
+    assert (row.name, row.formula, row.properties["gap"]) == ("1,2-dichloroethane", "C2H4Cl2", "7,2")
+    bare = tmp_path / "bare.csv"
+    bare.write_text("CCO,ethanol\nCC(=O)O,acetic acid,extra\nN\n")
+    assert [(m.name, m.formula) for m in _read(bare)] == [("ethanol", "C2H6O"), ("acetic acid", "C2H4O2"),
+                                                          ("N", "H3N")]  # fmt: skip
+
+
+def test_a_table_without_a_smiles_column_is_one_error_row(tmp_path):
+    path = tmp_path / "coords.csv"
+    path.write_text("name,x,y,z\nwater,0,0,0\n")
+    (row,) = _read(path)
+    assert row.status == STATUS_ERROR
+    assert row.message == (
+        "coords.csv record 1: no SMILES column: no header names one 'smiles', and the first cell is no "
+        "SMILES either"
+    )
+
+
+def test_se3ts_own_csv_output_reads_back_with_its_predictions_marked(tmp_path):
+    path = tmp_path / "predictions.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*BASE_COLUMNS, "homo_eV"])
+        writer.writerow([inert_text("=evil"), "in.smi", 1, "C2H6O", "CCO", "warning", "a message", -7.2])
+        writer.writerow(["broken", "in.smi", 2, "", "", "error", "in.smi record 2: cannot parse", ""])
+    first, second = _read(path)
+    assert first.name == "=evil"  # the ' that kept a spreadsheet from running it is gone
+    assert first.properties == {"homo_eV": "-7.2", STATUS_TAG: "warning", "smiles": "CCO"}
+    assert is_own_prediction(first.properties, "homo")
+    assert second.status == STATUS_ERROR and second.name == "broken"
+
+
+def test_a_smiles_file_or_argument_may_separate_the_name_with_a_comma(tmp_path):
+    path = tmp_path / "list.smi"
+    path.write_text('smiles,name\nCCO,ethanol\nClCCCl,"1,2-dichloroethane"\nC1CC1 cyclopropane\n')
+    assert [(m.name, m.smiles) for m in _read(path)] == [
+        ("ethanol", "CCO"), ("1,2-dichloroethane", "ClCCCl"), ("cyclopropane", "C1CC1")
+    ]  # fmt: skip
+    (given,) = read_molecules(smiles=["c1ccccc1, benzene"])
+    assert (given.name, given.smiles, given.status) == ("benzene", "c1ccccc1", STATUS_WARNING)
+
+
+def test_a_table_of_smiles_and_labels_trains(tmp_path):
+    path = tmp_path / "labelled.csv"
+    path.write_text("smiles,name,homo_eV\nC,methane,-10.9\nCO,methanol,-7.1\nCC,ethane,-8.7\nN,ammonia,\n")
+    data = read_labelled_file(path, ["homo"])
+    assert data.targets[:, 0].tolist() == pytest.approx([-10.9, -7.1, -8.7])  # ammonia has no label
+    assert data.index.tolist() == [1, 2, 3]

@@ -31,8 +31,9 @@ from se3tcli.checkpoint import LoadedModel
 from se3tcli.checkpoint import load_model as load_checkpoint
 from se3tcli.io import STATUS_ERROR, Molecule
 from se3tcli.io.conformers import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
+from se3tcli.io.csv_layout import BASE_COLUMNS
 from se3tcli.io.objects import molecules_from_objects
-from se3tcli.io.outputs import BASE_COLUMNS, base_fields, file_value
+from se3tcli.io.outputs import base_fields, file_value
 from se3tcli.predict import MAX_ATOMS_PER_MOLECULE, output_units, predict_stream
 from se3tcli.targets import column_name, parse_targets
 from se3tcli.train.device import select_device

@@ -9,7 +9,7 @@ import pytest
 from se3tcli.data.dataset import read_labelled_file
 from se3tcli.data.labels import is_own_prediction, label_value
 from se3tcli.io import STATUS_ERROR, STATUS_WARNING, read_molecules
-from se3tcli.io.outputs import BASE_COLUMNS, inert_text
+from se3tcli.io.csv_layout import BASE_COLUMNS, inert_text
 from se3tcli.targets import STATUS_TAG
 
 
@@ -55,9 +55,48 @@ def test_a_table_without_a_smiles_column_is_one_error_row(tmp_path):
     (row,) = _read(path)
     assert row.status == STATUS_ERROR
     assert row.message == (
-        "coords.csv record 1: no SMILES column: no header names one 'smiles', and the first cell is no "
+        "coords.csv record 1: no SMILES column: no header names one 'smiles', and the first cells are no "
         "SMILES either"
     )
+
+
+def test_quoted_line_breaks_long_cells_and_a_cell_with_its_name(tmp_path):
+    path = tmp_path / "notes.csv"
+    huge = "C" * 200_000  # over the csv module's cell limit (131,072), within se3t's line limit
+    path.write_text(
+        'smiles,name,note\nCCO,ethanol,"two\n\nlines"\n'
+        f'{huge},big\nCC,ethane\nCCC propane\nN,ammonia,"never closed\n'
+    )
+    rows = _read(path)
+    assert [m.name for m in rows] == ["ethanol", "notes.csv#2", "ethane", "propane", "notes.csv#5"]
+    assert rows[0].properties["note"] == "two\n\nlines"
+    assert rows[1].message.startswith("notes.csv record 2: cannot split the line into cells: field larger")
+    assert (rows[3].smiles, rows[3].formula) == ("CCC", "C3H8")  # a .smi line in one cell
+    assert rows[4].message == "notes.csv record 5: a quoted cell is not closed by the end of the file"
+
+
+def test_header_spellings_and_delimiters(tmp_path):
+    pubchem = tmp_path / "pubchem.csv"
+    pubchem.write_text("cid,cmpdname,canonicalsmiles,isosmiles\n702,ethanol,CCO,OCC\n")
+    (row,) = _read(pubchem)
+    assert (row.name, row.smiles, row.properties["canonicalsmiles"]) == ("ethanol", "OCC", "CCO")
+    spaced = tmp_path / "spaced.csv"
+    spaced.write_text("# exported 2026-12-01\nCompound ID;SMILES;gap (eV, B3LYP, def2)\nx1;CCO;7,1\n")
+    (row,) = _read(spaced)  # as many commas as semicolons: the semicolon names a SMILES column
+    assert (row.name, row.smiles, row.properties["gap (eV, B3LYP, def2)"]) == ("x1", "CCO", "7,1")
+    nitrogen = tmp_path / "n.csv"  # a header with a name column, whose first cell is a SMILES
+    nitrogen.write_text("N,name\nCCO,ethanol\n")
+    assert [m.name for m in _read(nitrogen)] == ["ethanol"]
+    wrong_first = tmp_path / "w.csv"
+    wrong_first.write_text("C1CC,bad\nCCO,smiles_1\n")
+    assert [(m.name, m.status) for m in _read(wrong_first)] == [
+        ("bad", STATUS_ERROR),
+        ("smiles_1", STATUS_WARNING),
+    ]
+    utf16 = tmp_path / "excel.csv"
+    utf16.write_bytes("smiles\tname\nCCO\tethanol\n".encode("utf-16"))
+    (row,) = _read(utf16)
+    assert row.message.endswith("UTF-16 text (Excel's 'Unicode text'), not UTF-8: save it as CSV UTF-8")
 
 
 def test_se3ts_own_csv_output_reads_back_with_its_predictions_marked(tmp_path):
@@ -80,8 +119,10 @@ def test_a_smiles_file_or_argument_may_separate_the_name_with_a_comma(tmp_path):
     assert [(m.name, m.smiles) for m in _read(path)] == [
         ("ethanol", "CCO"), ("1,2-dichloroethane", "ClCCCl"), ("cyclopropane", "C1CC1")
     ]  # fmt: skip
-    (given,) = read_molecules(smiles=["c1ccccc1, benzene"])
+    given, radical, nameless = read_molecules(smiles=["c1ccccc1, benzene", "CC |^1:0|,ethyl", ",x"])
     assert (given.name, given.smiles, given.status) == ("benzene", "c1ccccc1", STATUS_WARNING)
+    assert (radical.name, radical.smiles) == ("ethyl", "CC |^1:0|")
+    assert nameless.message == "<smiles> record 3 (x): no SMILES before the name"
 
 
 def test_a_table_of_smiles_and_labels_trains(tmp_path):

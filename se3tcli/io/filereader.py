@@ -137,6 +137,11 @@ def _stream_problem(exc: Exception, gz_name: bool) -> str:
     return reason(exc)
 
 
+def has_control_characters(text: str) -> bool:
+    """Whether a line (without its line ending) holds control characters other than tabs: binary data."""
+    return any(ord(c) < 32 and c != "\t" for c in text)
+
+
 def open_text(path: str | Path) -> IO[str]:
     """A text input file; bytes that are not UTF-8 become U+FFFD, so decoding never fails, and a UTF-8 byte
     order mark at the start is dropped."""

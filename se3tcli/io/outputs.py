@@ -18,12 +18,10 @@ import numpy as np
 from rdkit import Chem
 
 from se3tcli.io.bonds import atoms_mol, perceive_bonds
+from se3tcli.io.csv_layout import BASE_COLUMNS, inert_text
 from se3tcli.io.molecule import Molecule
 from se3tcli.io.rdkit_tools import RDKitLog, sanitize
 from se3tcli.targets import INPUT_TAG_SUFFIX, STATUS_TAG, column_name
-
-# The fields of every CSV row and JSON record before the values; record is 1-based, as in the messages.
-BASE_COLUMNS = ("name", "source", "record", "formula", "smiles", "status", "message")
 
 
 def file_value(value: float) -> float | None:
@@ -47,20 +45,6 @@ def base_fields(molecule: Molecule) -> dict[str, object]:
         "status": m.status,
         "message": m.message,
     }
-
-
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as the start of a formula
-
-
-def inert_text(text: str) -> str:
-    """A CSV text cell a spreadsheet shows as text: one starting like a formula gets a leading ``'``
-    (OWASP's advice against CSV injection; JSON and SDF keep the text exact)."""
-    return "'" + text if text.startswith(_FORMULA_STARTS) else text
-
-
-def text_of_inert(cell: str) -> str:
-    """The text that :func:`inert_text` made ``cell`` from (se3t's CSV output read back)."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_FORMULA_STARTS) else cell
 
 
 class CsvFormat:

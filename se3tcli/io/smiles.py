@@ -19,7 +19,7 @@ from rdkit import Chem
 
 from se3tcli.io.conformer_pool import Row
 from se3tcli.io.conformers import PendingConformer, to_binary
-from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, open_text, text_lines
+from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, has_control_characters, open_text, text_lines
 from se3tcli.io.molecule import SMILES_SOURCE, Molecule, Record, element_problem, guarded, reason
 from se3tcli.io.rdkit_tools import RDKitLog, atoms_of, positions_of, sanitize
 
@@ -38,7 +38,7 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
         text = line.strip()
         if not text or text.startswith("#"):
             continue
-        smiles, name = _split_line(text)
+        smiles, name = split_smiles_line(text)
         if index == 0 and smiles.lower() in _HEADER_WORDS:
             continue
         problem = _not_a_smiles_line(text, smiles, name)
@@ -49,7 +49,7 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
 def _not_a_smiles_line(text: str, smiles: str, name: str) -> str | None:
     """Why a line of a SMILES file is something else (binary data, an XYZ atom line: an element symbol or
     number, then three or more numbers), or None."""
-    if any(ord(c) < 32 and c != "\t" for c in text):
+    if has_control_characters(text):
         return "control characters: binary data, not a line of SMILES"
     numbers = name.split()
     element = smiles in chemical_symbols[1:] or smiles.isdigit()
@@ -77,7 +77,7 @@ def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Row]:
 
 def row_from_smiles(line: str, index: int, seed: int) -> Row:
     """The row of one string "SMILES [name ...]": record ``index`` of ``SMILES_SOURCE``."""
-    smiles, name = _split_line(line)
+    smiles, name = split_smiles_line(line)
     return row_of_smiles(Record(SMILES_SOURCE, index), smiles, name, seed)
 
 
@@ -89,15 +89,18 @@ def row_of_smiles(
     return guarded(_from_smiles, record, smiles, name, seed, properties or {})
 
 
-def _split_line(line: str) -> tuple[str, str]:
+def split_smiles_line(line: str) -> tuple[str, str]:
     """(SMILES, name) from "SMILES [|extensions|] [name ...]" or "SMILES,name[,...]": CXSMILES extensions
-    (radicals, enhanced stereo, coordinates) stay with the SMILES, which RDKit reads with them; a comma,
-    which no SMILES holds, ends the SMILES as in a CSV line, whose second cell is then the name; the name
-    is "" when absent."""
+    (radicals, enhanced stereo, coordinates; after a space) stay with the SMILES, which RDKit reads with
+    them; a comma in the SMILES itself, which holds none, ends it as in a CSV line, whose second cell is
+    then the name; the name is "" when absent."""
     text = line.strip()
     first = text.split(None, 1)[0] if text else ""
     if "," in first:
-        cells = next(csv.reader([text]))
+        try:
+            cells = next(csv.reader([text]))
+        except csv.Error:  # a cell over the csv module's size limit: split at the comma
+            cells = text.split(",", 2)
         return cells[0].strip(), cells[1].strip() if len(cells) > 1 else ""
     parts = text.split(None, 1)
     if len(parts) < 2:
@@ -105,12 +108,14 @@ def _split_line(line: str) -> tuple[str, str]:
     smiles, rest = parts
     end = rest.find("|", 1) if rest.startswith("|") else -1
     if end > 0:
-        smiles, rest = f"{smiles} {rest[: end + 1]}", rest[end + 1 :]
+        smiles, rest = f"{smiles} {rest[: end + 1]}", rest[end + 1 :].lstrip().removeprefix(",")
     return smiles, rest.strip()
 
 
 def _from_smiles(record: Record, smiles: str, name: str, seed: int, properties: dict[str, str]) -> Row:
     name = name.strip() or smiles
+    if not smiles:
+        return record.error("no SMILES before the name" if name else "no SMILES", name)
     with RDKitLog() as log:
         mol = Chem.MolFromSmiles(smiles, sanitize=False)
         if mol is None:

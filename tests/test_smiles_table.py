@@ -68,11 +68,17 @@ def test_quoted_line_breaks_long_cells_and_a_cell_with_its_name(tmp_path):
         f'{huge},big\nCC,ethane\nCCC propane\nN,ammonia,"never closed\n'
     )
     rows = _read(path)
-    assert [m.name for m in rows] == ["ethanol", "notes.csv#2", "ethane", "propane", "notes.csv#5"]
+    assert [m.name for m in rows] == ["ethanol", "notes.csv#2", "ethane", "propane", "ammonia"]
     assert rows[0].properties["note"] == "two\n\nlines"
     assert rows[1].message.startswith("notes.csv record 2: cannot split the line into cells: field larger")
     assert (rows[3].smiles, rows[3].formula) == ("CCC", "C3H8")  # a .smi line in one cell
-    assert rows[4].message == "notes.csv record 5: a quoted cell is not closed by the end of the file"
+    assert rows[4].properties["note"] == "never closed"  # read as ending with its line
+
+
+def test_an_unclosed_quote_loses_no_record_and_a_name_keeps_one_line(tmp_path):
+    path = tmp_path / "typo.csv"
+    path.write_text('smiles,name\nCCO,"ethanol\n(absolute)"\nCC,"ethane\nCCC,propane\nCCCC,butane\n')
+    assert [m.name for m in _read(path)] == ["ethanol (absolute)", "ethane", "propane", "butane"]
 
 
 def test_header_spellings_and_delimiters(tmp_path):
@@ -87,6 +93,17 @@ def test_header_spellings_and_delimiters(tmp_path):
     nitrogen = tmp_path / "n.csv"  # a header with a name column, whose first cell is a SMILES
     nitrogen.write_text("N,name\nCCO,ethanol\n")
     assert [m.name for m in _read(nitrogen)] == ["ethanol"]
+    bace = tmp_path / "bace.csv"  # MoleculeNet's BACE: the SMILES under "mol"
+    bace.write_text("mol,CID,Class,pIC50\nCCO,BACE_1,1,9.15\n")
+    (row,) = _read(bace)
+    assert (row.name, row.smiles, row.properties["pIC50"]) == ("BACE_1", "CCO", "9.15")
+    flags = tmp_path / "flags.csv"  # no SMILES header: the largest SMILES of the next line, not the flag
+    flags.write_text("name,active,drug\naspirin,N,CC(=O)Oc1ccccc1C(=O)O\n")
+    (row,) = _read(flags)
+    assert (row.name, row.formula, row.properties["active"]) == ("aspirin", "C9H8O4", "N")
+    commented = tmp_path / "hash.csv"  # a header that starts with '#' is no comment
+    commented.write_text("#,SMILES,Name\n1,CCO,ethanol\n")
+    assert [m.name for m in _read(commented)] == ["ethanol"]
     wrong_first = tmp_path / "w.csv"
     wrong_first.write_text("C1CC,bad\nCCO,smiles_1\n")
     assert [(m.name, m.status) for m in _read(wrong_first)] == [

@@ -122,6 +122,8 @@ def continue_campaign(s: Session, args: argparse.Namespace, use_graphs: bool) ->
     shutil.copytree(CAMPAIGN, run_dir, dirs_exist_ok=True)
     argv = [sys.executable, "-m", "se3tcli", "train", "--out", str(run_dir), "--resume"]
     argv += ["--time-limit", f"{train_s / 60:.2f}"]
+    if args.epochs:  # a longer cosine: the learning rate rises to that schedule's value (a warm restart)
+        argv += ["--epochs", str(args.epochs)]
     if args.dry_run:
         argv += ["--device", "cpu"]
     elif use_graphs:
@@ -146,6 +148,7 @@ def main() -> None:
     p.add_argument(
         "--reserve", type=float, default=110.0, help="seconds kept for the benchmarks after training"
     )
+    p.add_argument("--epochs", type=int, help="re-lay the campaign's cosine over this many epochs on resume")
     p.add_argument("--no-final-benchmarks", action="store_true", help="skip stage 4")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: check the flow, not the numbers")
     args = p.parse_args()

@@ -17,7 +17,7 @@ from se3tcli.io.molecule import Molecule, Record, guarded
 from se3tcli.io.rdkit_tools import RDKitLog
 from se3tcli.io.reading import reader_of
 from se3tcli.io.sdf import molecule_from_rdkit
-from se3tcli.io.smiles import row_from_smiles
+from se3tcli.io.smiles import row_of_smiles_string
 from se3tcli.io.xyz import molecule_from_atoms
 
 RDKIT_SOURCE = "<rdkit>"  # Molecule.source of RDKit molecules handed over in Python
@@ -46,7 +46,7 @@ def _rows(items: Iterable[object], embed: bool, seed: int) -> Iterator[Row]:
         if isinstance(item, os.PathLike) or (isinstance(item, str) and _names_a_file(item)):
             yield from _file_rows(Path(os.fspath(item)).expanduser(), embed, seed)
         elif isinstance(item, str):
-            yield row_from_smiles(item, index, seed)
+            yield row_of_smiles_string(item, index, seed)
         elif isinstance(item, Chem.Mol):
             yield from _rdkit_rows(item, Record(RDKIT_SOURCE, index), embed, seed)
         elif isinstance(item, ase.Atoms):

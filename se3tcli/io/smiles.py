@@ -42,7 +42,7 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
         if index == 0 and smiles.lower() in _HEADER_WORDS:
             continue
         problem = _not_a_smiles_line(text, smiles, name)
-        yield record.error(problem) if problem else row_of_smiles(record, smiles, name, seed)
+        yield record.error(problem) if problem else smiles_row(record, smiles, name, seed)
         index += 1
 
 
@@ -72,16 +72,16 @@ SMILES_READER = FileReader(open=open_text, rows=_rows)
 def read_smiles_strings(lines: Iterable[str], seed: int) -> Iterator[Row]:
     """One row per string "SMILES [name ...]", with source ``SMILES_SOURCE``."""
     for index, line in enumerate(lines):
-        yield row_from_smiles(line, index, seed)
+        yield row_of_smiles_string(line, index, seed)
 
 
-def row_from_smiles(line: str, index: int, seed: int) -> Row:
+def row_of_smiles_string(line: str, index: int, seed: int) -> Row:
     """The row of one string "SMILES [name ...]": record ``index`` of ``SMILES_SOURCE``."""
     smiles, name = split_smiles_line(line)
-    return row_of_smiles(Record(SMILES_SOURCE, index), smiles, name, seed)
+    return smiles_row(Record(SMILES_SOURCE, index), smiles, name, seed)
 
 
-def row_of_smiles(
+def smiles_row(
     record: Record, smiles: str, name: str, seed: int, properties: dict[str, str] | None = None
 ) -> Row:
     """The row of one SMILES (pending its conformer), with the record's other ``properties`` (a CSV

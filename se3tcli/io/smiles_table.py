@@ -31,7 +31,7 @@ from se3tcli.io.csv_layout import BASE_COLUMNS, text_of_inert
 from se3tcli.io.filereader import MAX_LINE_CHARS, FileReader, has_control_characters, open_text, text_lines
 from se3tcli.io.molecule import Record
 from se3tcli.io.rdkit_tools import RDKitLog
-from se3tcli.io.smiles import row_of_smiles, split_smiles_line
+from se3tcli.io.smiles import smiles_row, split_smiles_line
 from se3tcli.targets import STATUS_TAG
 
 _SMILES_HEADERS = ("smiles", "smi", "isomericsmiles", "isosmiles", "canonicalsmiles", "mol", "structure")
@@ -138,7 +138,7 @@ def _table_rows(lines: Iterator[_Line], layout: _Layout, source: str, seed: int)
         elif not smiles:
             yield record.error(f"no SMILES in column {layout.smiles + 1}", name)
         else:
-            yield row_of_smiles(record, smiles, name, seed, layout.properties(cells))
+            yield smiles_row(record, smiles, name, seed, layout.properties(cells))
 
 
 def _lines(raw: Iterator[str | None], delimiter: str) -> Iterator[_Line]:

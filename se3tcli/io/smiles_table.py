@@ -61,7 +61,7 @@ class _Layout:
 
     def name(self, cells: list[str]) -> str:
         """The first non-empty name cell, its line breaks and runs of spaces made single spaces."""
-        return next((" ".join(_cell(cells, i).split()) for i in self.names if _cell(cells, i).strip()), "")
+        return next((name for i in self.names if (name := " ".join(_cell(cells, i).split()))), "")
 
     def properties(self, cells: list[str]) -> dict[str, str]:
         """The other columns' non-empty cells by header; of se3t's output only its values and status."""
@@ -103,9 +103,10 @@ def _rows(handle: IO[str], source: str, embed: bool, seed: int) -> Iterator[Row]
     if layout is None:
         second = next(lines, None)
         layout = _unnamed_layout(header.cells, second.cells if second else [])
-        lines = itertools.chain([header, *([second] if second else [])], lines)
-        if layout is not None and layout.header:
-            next(lines)  # the header itself
+        data = [second] if second else []
+        if layout is not None and not layout.header:  # no header: the first line is the first record
+            data.insert(0, header)
+        lines = itertools.chain(data, lines)
     if layout is None:
         yield Record(source, 0).error(
             "no SMILES column: no header names one 'smiles', and the first cells are no SMILES either"
